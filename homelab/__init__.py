@@ -1,0 +1,1 @@
+"""homelab: build and verify a K3s homelab on Proxmox (the engine; importable without Invoke)."""

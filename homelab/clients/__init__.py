@@ -1,0 +1,1 @@
+"""Clients for the systems the layers talk to."""

@@ -1,0 +1,46 @@
+"""One run of the pipeline: the inventory, the target, the console and the clients, opened lazily."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from rich.console import Console
+
+from homelab.clients.proxmox import Endpoint, Proxmox
+from homelab.inventory import Inventory
+from homelab.target import Target
+from homelab.wait import Progress
+
+
+@dataclass
+class Timeouts:
+    """Deadlines in seconds for the waits of a run."""
+
+    task: float = 900.0
+    guest_agent: float = 600.0
+
+
+@dataclass
+class Run:
+    inv: Inventory
+    target: Target
+    console: Console
+    progress: Progress
+    timeouts: Timeouts = field(default_factory=Timeouts)
+    _proxmox: Proxmox | None = None
+
+    @property
+    def proxmox(self) -> Proxmox:
+        """The PVE API, reached at the PVE hosts' addresses in inventory order (or the target's override)."""
+        if self._proxmox is None:
+            access = self.target.proxmox
+            if access.endpoint:
+                endpoints = [Endpoint(access.endpoint[0], access.endpoint[1], "override")]
+            else:
+                endpoints = [Endpoint(str(n.address), self.inv.proxmox.api_port, n.name)
+                             for n in self.inv.proxmox.nodes]
+            self._proxmox = Proxmox(endpoints, access.token_id, access.token_secret.value, access.ca_bundle)
+        return self._proxmox
+
+    def api_requests(self) -> int:
+        return self._proxmox.stats.total if self._proxmox else 0

@@ -1,0 +1,1 @@
+"""Layer logic: read actual state, compute desired state, diff, apply."""

@@ -1,0 +1,97 @@
+"""Targets: where the inventory is realised (`live` or `lab`), with the credentials to get there.
+
+A target supplies endpoints of the outside world, trust anchors and secrets, never a cluster
+fact. Secrets come from the environment or a git-ignored `.env` (live), or from the lab's own
+state file (lab), and are never printed or put in process arguments.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from homelab.errors import ConfigError
+from homelab.inventory import Inventory
+
+REPO = Path(__file__).resolve().parent.parent
+# The lab writes its credentials here (0600) when it starts; `lab.down` removes them.
+LAB_STATE = Path(os.environ.get("HOMELAB_LAB_STATE", "/run/homelab-lab"))
+LAB_NETNS = "homelab-lab"
+
+
+@dataclass(frozen=True)
+class Secret:
+    """A value that never shows itself in repr, logs or tracebacks."""
+
+    value: str = field(repr=False)
+
+    def __str__(self) -> str:
+        return "***"
+
+
+@dataclass(frozen=True)
+class ProxmoxAccess:
+    token_id: str
+    token_secret: Secret
+    # A CA bundle path, or True for the system trust store. Never False.
+    ca_bundle: str | bool
+    # Overrides the PVE hosts' addresses (tests and benchmarks against a local fakepve only).
+    endpoint: tuple[str, int] | None = None
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    proxmox: ProxmoxAccess
+    # The public key cloud-init puts on the VMs (the lab brings its own pair).
+    ssh_public_key: Path
+    image_mirror: str | None = None
+
+
+def read_env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines (comments and blanks ignored); refused unless only the owner can read it."""
+    mode = path.stat().st_mode
+    if mode & (stat.S_IRWXG | stat.S_IRWXO):
+        raise ConfigError(f"{path} holds secrets but is readable by others (mode {stat.filemode(mode)})",
+                          hint=f"chmod 600 {path}")
+    out: dict[str, str] = {}
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#") or "=" not in line:
+            continue
+        key, _, value = line.partition("=")
+        out[key.strip().removeprefix("export ").strip()] = value.strip().strip("'\"")
+    return out
+
+
+def _settings(name: str) -> dict[str, str]:
+    if name == "lab":
+        state = LAB_STATE / "target.env"
+        if not state.exists():
+            raise ConfigError("the lab is not running (no lab credentials at " + str(state) + ")",
+                              hint="start it with `invoke lab.up`")
+        return read_env_file(state)
+    env_file = REPO / ".env"
+    values = read_env_file(env_file) if env_file.exists() else {}
+    values.update({k: v for k, v in os.environ.items() if k.startswith(("PROXMOX_", "HOMELAB_SSH_"))})
+    return values
+
+
+def resolve(name: str, inv: Inventory) -> Target:
+    """The target's settings: lab from the lab's state file; live from the environment or .env."""
+    values = _settings(name)
+    missing = [k for k in ("PROXMOX_TOKEN_ID", "PROXMOX_TOKEN_SECRET") if not values.get(k)]
+    if missing:
+        raise ConfigError(f"target {name}: {', '.join(missing)} not set",
+                          hint="export them or put them in .env (mode 0600); see README, Configuration")
+    ca = values.get("PROXMOX_CA_BUNDLE")
+    if ca and not Path(ca).is_file():
+        raise ConfigError(f"target {name}: PROXMOX_CA_BUNDLE {ca} does not exist")
+    settings = inv.targets.lab if name == "lab" else inv.targets.live
+    return Target(name=name,
+                  proxmox=ProxmoxAccess(values["PROXMOX_TOKEN_ID"], Secret(values["PROXMOX_TOKEN_SECRET"]),
+                                        ca or True),
+                  ssh_public_key=Path(values.get("HOMELAB_SSH_PUBLIC_KEY") or inv.k3s.ssh_public_key).expanduser(),
+                  image_mirror=settings.image_mirror)
