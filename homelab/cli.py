@@ -15,6 +15,7 @@ from typing import Any, ParamSpec, TypeVar
 
 from invoke.exceptions import Exit
 from rich.console import Console
+from rich.markup import escape
 
 from homelab import inventory
 from homelab.errors import HomelabError
@@ -42,7 +43,7 @@ def exits(fn: Callable[P, R]) -> Callable[P, R]:
         try:
             return fn(*args, **kwargs)
         except HomelabError as exc:
-            err_console().print(f"[bold red]error:[/] {exc}", markup=True, highlight=False)
+            err_console().print(f"[bold red]error:[/] {escape(str(exc))}", highlight=False)
             raise Exit(code=exc.exit_code) from None
         except KeyboardInterrupt:
             err_console().print("interrupted; a re-run resumes where this one stopped")

@@ -245,8 +245,8 @@ def check(inv: Inventory) -> list[Problem]:  # noqa: PLR0912, PLR0915 - one flat
     hosts = _hosts(inv)
 
     # Addresses inside the home subnet.
+    # Nameservers may be anywhere (a public resolver is fine); machines and Traefik are at home.
     placed = [*hosts, ("network.traefik", "traefik", net.traefik)]
-    placed += [(f"network.nameservers[{i}]", "nameserver", a) for i, a in enumerate(net.nameservers)]
     for path, label, addr in placed:
         if addr not in net.home:
             add(Problem((path, "network.home"), f"{label} address {addr} is outside the home network {net.home}"))
@@ -254,6 +254,12 @@ def check(inv: Inventory) -> list[Problem]:  # noqa: PLR0912, PLR0915 - one flat
         if first not in net.home or last not in net.home:
             add(Problem((f"network.metallb_pool[{i}]", "network.home"),
                         f"MetalLB pool range {first}-{last} is not inside the home network {net.home}"))
+    for i, (first, last) in enumerate(net.pool_ranges()):
+        for special in (net.home.network_address, net.home.broadcast_address):
+            if first <= special <= last:
+                add(Problem((f"network.metallb_pool[{i}]", "network.home"),
+                            f"MetalLB pool range {first}-{last} contains {special}, the network or broadcast "
+                            f"address of {net.home}"))
     for path, label, addr in hosts:
         if addr in (net.home.network_address, net.home.broadcast_address):
             add(Problem((path,), f"{label} address {addr} is the network or broadcast address of {net.home}"))
@@ -263,8 +269,11 @@ def check(inv: Inventory) -> list[Problem]:  # noqa: PLR0912, PLR0915 - one flat
 
     # The pool is free of host addresses, and its ranges do not overlap.
     pool = net.pool_ranges()
+    host_addrs = {addr for _, _, addr in hosts}
+    resolvers = [(f"network.nameservers[{k}]", "nameserver", a) for k, a in enumerate(net.nameservers)
+                 if a not in host_addrs]
     for i, (first, last) in enumerate(pool):
-        for path, label, addr in hosts:
+        for path, label, addr in [*hosts, *resolvers]:
             if first <= addr <= last:
                 add(Problem((f"network.metallb_pool[{i}]", path),
                             f"MetalLB pool {first}-{last} contains {addr}, the address of {label} ({path})"))

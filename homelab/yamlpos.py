@@ -55,34 +55,46 @@ def load(text: str) -> Located:
         raise YamlProblem(problem, mark.line + 1 if mark else None, mark.column + 1 if mark else None) from None
     except yaml.YAMLError as exc:
         raise YamlProblem(str(exc)) from None
+    except RecursionError:
+        raise YamlProblem("the document nests too deeply") from None
     located = Located(None)
     if node is None:
         return located
-    located.data = _build(node, (), located.lines)
+    try:
+        located.data = _build(node, (), located.lines, frozenset())
+    except RecursionError:
+        raise YamlProblem("the document nests too deeply") from None
     return located
 
 
 _constructor = yaml.SafeLoader(stream="")
 
 
-def _build(node: yaml.Node, path: Path, lines: dict[Path, int]) -> Any:
+def _build(node: yaml.Node, path: Path, lines: dict[Path, int], ancestors: frozenset[int]) -> Any:
     lines[path] = node.start_mark.line + 1
+    if id(node) in ancestors:
+        raise YamlProblem("an alias refers to a node that contains it", node.start_mark.line + 1,
+                          node.start_mark.column + 1)
+    ancestors = ancestors | {id(node)}
     if isinstance(node, yaml.MappingNode):
         out: dict[Any, Any] = {}
         for key_node, value_node in node.value:
             if key_node.tag == "tag:yaml.org,2002:merge":
                 raise YamlProblem("merge keys (<<) are not supported in the inventory",
                                   key_node.start_mark.line + 1, key_node.start_mark.column + 1)
-            key = _build(key_node, (*path, "<key>"), {})
+            if not isinstance(key_node, yaml.ScalarNode):
+                raise YamlProblem("a mapping key must be a plain value, not a list or mapping",
+                                  key_node.start_mark.line + 1, key_node.start_mark.column + 1)
+            key = _build(key_node, (*path, "<key>"), {}, ancestors)
             if key in out:
                 raise YamlProblem(f"duplicate key {key!r} (first on line {lines[(*path, key)]})",
                                   key_node.start_mark.line + 1, key_node.start_mark.column + 1)
             lines[(*path, key)] = key_node.start_mark.line + 1
-            out[key] = _build(value_node, (*path, key), lines)
+            out[key] = _build(value_node, (*path, key), lines, ancestors)
             lines[(*path, key)] = key_node.start_mark.line + 1
         return out
     if isinstance(node, yaml.SequenceNode):
-        return [_build(item, (*path, i), lines) for i, item in enumerate(node.value)]
+        return [_build(item, (*path, i), lines, ancestors) for i, item in enumerate(node.value)]
     try:
         return _constructor.construct_object(node, deep=True)
     except yaml.constructor.ConstructorError as exc:

@@ -74,5 +74,5 @@ def check(c: Context, inventory: str | None = None) -> None:
     inv = cli.load_inventory(inventory)
     out = cli.console()
     for line in inv_mod.summary(inv):
-        out.print(line)
+        out.print(line, markup=False)
     out.print(f"[green]ok[/]: {inv_mod.default_path() if inventory is None else inventory} is consistent")
