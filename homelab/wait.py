@@ -22,14 +22,22 @@ class Progress:
         self.console = console
 
     @contextmanager
-    def waiting(self, what: str) -> Iterator[Callable[[str], None]]:
+    def waiting(self, what: str, every: float = 10.0) -> Iterator[Callable[[str], None]]:
+        """Live status on a terminal; elsewhere a line every `every` seconds of waiting, and one at the end."""
         started = time.monotonic()
         if self.console.is_terminal:
             with self.console.status(f"{what} ...") as status:
                 yield lambda detail: status.update(f"{what} ... {detail} ({time.monotonic() - started:.0f}s)")
         else:
-            self.console.print(f"  waiting: {what}")
-            yield lambda detail: None
+            said = [started]
+
+            def update(detail: str) -> None:
+                now = time.monotonic()
+                if now - said[0] >= every:
+                    said[0] = now
+                    self.console.print(f"  still waiting ({now - started:.0f}s): {what}: {detail}")
+
+            yield update
         self.console.print(f"  [dim]done: {what} ({time.monotonic() - started:.1f}s)[/]")
 
 

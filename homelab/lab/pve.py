@@ -191,8 +191,8 @@ class LabPve(fakepve.FakePve):  # type: ignore[misc]
         self.ceph_pools: dict[str, Json] = {}
         self._pool_ids = itertools.count(1)
         self.ceph_raw_bytes = 3 * 1024 ** 4
-        self._add_pool('.mgr', {'pg_num': 1, 'size': 3, 'min_size': 2, 'pg_autoscale_mode': 'on',
-                                'application': 'mgr'})
+        self._ceph_add_pool('.mgr', {'pg_num': 1, 'size': 3, 'min_size': 2, 'pg_autoscale_mode': 'on',
+                                     'application': 'mgr'})
         # newid -> `storage` of a clone in progress: where its cloud-init volume goes.
         self._clone_storage: dict[int, str | None] = {}
         self._background: set[asyncio.Future[Any]] = set()
@@ -200,9 +200,13 @@ class LabPve(fakepve.FakePve):  # type: ignore[misc]
     # ------------------------------------------------------------ serving
 
     async def start_many(self, hosts: Sequence[str], port: int, certfile: str, keyfile: str) -> None:
-        """Serve one state on each host:port (the lab answers at every PVE host's address); stop() ends all."""
-        if not hosts:
-            raise ValueError('start_many needs at least one host')
+        """Serve one state on each host:port (the lab answers at every PVE host's address); stop() ends all.
+
+        One AppRunner with a TCPSite per host, so every address shares the cluster state, as a real cluster's
+        nodes share /etc/pve. port 0 (any free port) is only allowed with a single host.
+        """
+        if not hosts or (not port and len(hosts) > 1):
+            raise ValueError('start_many needs at least one host, and a fixed port for several')
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(certfile, keyfile)
         if self.network.get('seed') is not None:
@@ -372,7 +376,7 @@ class LabPve(fakepve.FakePve):  # type: ignore[misc]
             raise die(f"{label} '{oid}' does not exist")
         return objects[oid]
 
-    def _check_options(self, allowed: Sequence[str] | None, opts: Json, create: bool, kind: str) -> None:
+    def _sdn_check_options(self, allowed: Sequence[str] | None, opts: Json, create: bool, kind: str) -> None:
         """SectionConfig::check_config: known options only; on create, the required ones present."""
         for key in sorted(opts):
             if allowed is not None and key not in allowed:
@@ -381,7 +385,7 @@ class LabPve(fakepve.FakePve):  # type: ignore[misc]
             if opts.get(key) is None:
                 raise die(f"missing value for required option '{key}'")
 
-    def _delete_options(self, data: Json, allowed: Sequence[str] | None, opts: Json, delete: str | None,
+    def _sdn_delete_options(self, data: Json, allowed: Sequence[str] | None, opts: Json, delete: str | None,
                         kind: str) -> None:
         """SectionConfig::delete_from_config."""
         for key in split_list(delete):
@@ -394,7 +398,7 @@ class LabPve(fakepve.FakePve):  # type: ignore[misc]
             data.pop(key, None)
 
     @staticmethod
-    def _options(v: Json, *drop: str) -> Json:
+    def _sdn_options(v: Json, *drop: str) -> Json:
         return {k: x for k, x in v.items() if k not in ('lock-token', 'digest', 'delete', *drop)}
 
     def _api_object(self, kind: str, oid: str, obj: Json, digest: str | None) -> Json:
@@ -438,7 +442,7 @@ class LabPve(fakepve.FakePve):  # type: ignore[misc]
         objects, digest = self._sdn_view('zones', v)
         return self._api_object('zones', v['zone'], self._sdn_object('zones', objects, v['zone']), digest)
 
-    def _zone_checks(self, oid: str, zone: Json) -> None:
+    def _zone_checks(self, zone: Json) -> None:
         """The references a zone makes (dns, ipam) and the plugin's on_update_hook."""
         if zone.get('dns'):
             raise PveError(400, 'Parameter verification failed.', {'dns': f"{zone['dns']} don't exist"})
@@ -455,14 +459,14 @@ class LabPve(fakepve.FakePve):  # type: ignore[misc]
 
     async def _zone_create(self, v: Json, user: str) -> None:
         oid, kind = v['zone'], v['type']
-        opts = self._options(v, 'zone')
+        opts = self._sdn_options(v, 'zone')
         allowed = ZONE_OPTIONS.get(kind)
-        self._check_options(('type', *allowed) if allowed else None, opts, True, 'zone')
+        self._sdn_check_options(('type', *allowed) if allowed else None, opts, True, 'zone')
         self.need_quorum()
         try:
             if oid in self.sdn['zones']:
                 raise die(f"sdn zone object ID '{oid}' already defined")
-            self._zone_checks(oid, opts)
+            self._zone_checks(opts)
         except PveError as e:
             raise locked('create sdn zone object failed', e) from e
         self.sdn['zones'][oid] = opts
@@ -474,11 +478,11 @@ class LabPve(fakepve.FakePve):  # type: ignore[misc]
             check_digest(self.sdn_digest('zones'), v.get('digest'))
             zone = copy.deepcopy(self._sdn_object('zones', self.sdn['zones'], oid))
             allowed = ZONE_OPTIONS.get(zone['type'])
-            opts = self._options(v, 'zone')
-            self._check_options(allowed, opts, False, 'zone')
-            self._delete_options(zone, allowed, opts, v.get('delete'), 'zone')
+            opts = self._sdn_options(v, 'zone')
+            self._sdn_check_options(allowed, opts, False, 'zone')
+            self._sdn_delete_options(zone, allowed, opts, v.get('delete'), 'zone')
             zone.update(opts)
-            self._zone_checks(oid, zone)
+            self._zone_checks(zone)
         except PveError as e:
             raise locked('update sdn zone object failed', e) from e
         self.sdn['zones'][oid] = zone
@@ -540,9 +544,9 @@ class LabPve(fakepve.FakePve):  # type: ignore[misc]
         oid = v['vnet']
         self.need_quorum()
         try:
-            opts = self._options(v, 'vnet')
+            opts = self._sdn_options(v, 'vnet')
             opts['type'] = 'vnet'
-            self._check_options(('type', *VNET_OPTIONS), opts, True, 'vnet')
+            self._sdn_check_options(('type', *VNET_OPTIONS), opts, True, 'vnet')
             if oid in self.sdn['vnets']:
                 raise die(f"sdn vnet object ID '{oid}' already defined")
             vnets = dict(self.sdn['vnets'], **{oid: opts})
@@ -557,10 +561,10 @@ class LabPve(fakepve.FakePve):  # type: ignore[misc]
         self.need_quorum()
         try:
             check_digest(self.sdn_digest('vnets'), v.get('digest'))
-            opts = self._options(v, 'vnet')
-            self._check_options(VNET_OPTIONS, opts, False, 'vnet')
+            opts = self._sdn_options(v, 'vnet')
+            self._sdn_check_options(VNET_OPTIONS, opts, False, 'vnet')
             vnet = copy.deepcopy(old)
-            self._delete_options(vnet, VNET_OPTIONS, opts, v.get('delete'), 'vnet')
+            self._sdn_delete_options(vnet, VNET_OPTIONS, opts, v.get('delete'), 'vnet')
             vnet.update(opts)
             if not vnet.get('zone'):
                 raise PveError(400, 'Parameter verification failed.', {'zone': 'cannot delete zone'})
@@ -616,8 +620,8 @@ class LabPve(fakepve.FakePve):  # type: ignore[misc]
         self.need_quorum()
         oid = f"{vnet.get('zone')}-{v['subnet'].replace('/', '-', 1)}"
         try:
-            opts = self._options(v, 'subnet')
-            self._check_options(('type', *SUBNET_OPTIONS), opts, True, 'subnet')
+            opts = self._sdn_options(v, 'subnet')
+            self._sdn_check_options(('type', *SUBNET_OPTIONS), opts, True, 'subnet')
             if oid in self.sdn['subnets']:
                 raise die(f"sdn subnet object ID '{oid}' already defined")
             self._subnet_checks(oid, opts)
@@ -632,9 +636,9 @@ class LabPve(fakepve.FakePve):  # type: ignore[misc]
         try:
             subnet = copy.deepcopy(self._sdn_object('subnets', self.sdn['subnets'], oid))
             check_digest(self.sdn_digest('subnets'), v.get('digest'))
-            opts = self._options(v, 'subnet')
-            self._check_options(SUBNET_OPTIONS, opts, False, 'subnet')
-            self._delete_options(subnet, SUBNET_OPTIONS, opts, v.get('delete'), 'subnet')
+            opts = self._sdn_options(v, 'subnet')
+            self._sdn_check_options(SUBNET_OPTIONS, opts, False, 'subnet')
+            self._sdn_delete_options(subnet, SUBNET_OPTIONS, opts, v.get('delete'), 'subnet')
             subnet.update(opts)
             self._subnet_checks(oid, subnet)
         except PveError as e:
@@ -651,9 +655,9 @@ class LabPve(fakepve.FakePve):  # type: ignore[misc]
 
     def _routes_lab_ceph(self) -> list[tuple[str, str, Callable[..., Awaitable[Any]]]]:
         pools, pool = '/nodes/{node}/ceph/pool', '/nodes/{node}/ceph/pool/{name}'
-        return [('GET', pools, self._pool_list), ('POST', pools, self._pool_create),
-                ('GET', pool, self._pool_index), ('GET', pool + '/status', self._pool_status),
-                ('PUT', pool, self._pool_set), ('DELETE', pool, self._pool_destroy)]
+        return [('GET', pools, self._ceph_pool_list), ('POST', pools, self._ceph_pool_create),
+                ('GET', pool, self._ceph_pool_index), ('GET', pool + '/status', self._ceph_pool_status),
+                ('PUT', pool, self._ceph_pool_set), ('DELETE', pool, self._ceph_pool_destroy)]
 
     def _rados(self) -> None:
         """PVE::RADOS->new(): fails when the monitors cannot be reached."""
@@ -664,15 +668,15 @@ class LabPve(fakepve.FakePve):  # type: ignore[misc]
         if self.ceph['down']:
             raise TaskError(RADOS_DOWN)
 
-    def _add_pool(self, name: str, settings: Json) -> None:
+    def _ceph_add_pool(self, name: str, settings: Json) -> None:
         """`osd pool create`, then PVE's set_pool; raises TaskError naming the settings Ceph refused."""
         self.ceph_pools[name] = {
             'pool': next(self._pool_ids), 'pool_name': name, 'size': 3, 'min_size': 2, 'pg_num': 32,
             'pg_num_min': None, 'crush_rule': 0, 'pg_autoscale_mode': 'on', 'application_metadata': {},
             'target_size_bytes': None, 'target_size_ratio': None}
-        self._set_pool(name, settings)
+        self._ceph_set_pool(name, settings)
 
-    def _set_pool(self, name: str, settings: Json) -> None:
+    def _ceph_set_pool(self, name: str, settings: Json) -> None:
         """PVE::Ceph::Tools::set_pool: one monitor command per setting; those that fail are named at the end."""
         pool, failed = self.ceph_pools.get(name), []
         for key in sorted(settings, key=lambda k: (k != 'size', k)):  # size first: min_size is checked against it
@@ -693,43 +697,43 @@ class LabPve(fakepve.FakePve):  # type: ignore[misc]
         if failed:
             raise TaskError('Could not set: ' + ', '.join(failed))
 
-    def _pool_storages(self, name: str) -> list[str]:
+    def _ceph_pool_storages(self, name: str) -> list[str]:
         return [sid for sid, store in sorted(self.storages.items()) if store.get('type') == 'rbd'
                 and name in (store.get('pool', 'rbd'), store.get('data-pool'))]
 
-    def _pool_usage(self, name: str) -> tuple[int, int]:
+    def _ceph_pool_usage(self, name: str) -> tuple[int, int]:
         """(stored, used) bytes: the images on the pool's RBD storages, and that times the replicas."""
-        stored = sum(int(vol.get('size') or 0) for sid in self._pool_storages(name)
+        stored = sum(int(vol.get('size') or 0) for sid in self._ceph_pool_storages(name)
                      for vol in self._volumes(sid).values())
         return stored, stored * int(self.ceph_pools[name]['size'])
 
     @staticmethod
-    def _autoscale(pool: Json) -> Json:
+    def _ceph_autoscale(pool: Json) -> Json:
         return {'pool_name': pool['pool_name'], 'pool_id': pool['pool'], 'pg_autoscale_mode': pool['pg_autoscale_mode'],
                 'pg_num_target': pool['pg_num'], 'pg_num_final': pool['pg_num'], 'pg_num_ideal': pool['pg_num'],
                 'raw_used_rate': float(pool['size']), 'target_bytes': pool['target_size_bytes'] or 0,
                 'target_ratio': pool['target_size_ratio'] or 0.0, 'bias': 1.0, 'crush_root_id': -1,
                 'would_adjust': False, 'bulk': False}
 
-    async def _pool_list(self, v: Json, user: str) -> list[Json]:
+    async def _ceph_pool_list(self, v: Json, user: str) -> list[Json]:
         self._rados()
         out = []
         for name, pool in sorted(self.ceph_pools.items(), key=lambda item: int(item[1]['pool'])):
-            _, used = self._pool_usage(name)
+            _, used = self._ceph_pool_usage(name)
             item = {k: pool[k] for k in ('pool', 'pool_name', 'size', 'min_size', 'pg_num', 'crush_rule',
                                          'pg_autoscale_mode', 'application_metadata', 'pg_num_min')}
-            item.update(autoscale_status=self._autoscale(pool), pg_num_final=pool['pg_num'],
+            item.update(autoscale_status=self._ceph_autoscale(pool), pg_num_final=pool['pg_num'],
                         target_size=pool['target_size_bytes'], target_size_ratio=pool['target_size_ratio'],
                         crush_rule_name=CRUSH_RULE, bytes_used=used, percent_used=used / self.ceph_raw_bytes,
                         type='replicated')
             out.append(item)
         return out
 
-    async def _pool_index(self, v: Json, user: str) -> list[Json]:
+    async def _ceph_pool_index(self, v: Json, user: str) -> list[Json]:
         # PVE answers the index without asking Ceph, whether the pool exists or not.
         return [{'name': 'status'}]
 
-    async def _pool_status(self, v: Json, user: str) -> Json:
+    async def _ceph_pool_status(self, v: Json, user: str) -> Json:
         self._rados()
         name = v['name']
         pool = self.ceph_pools.get(name)
@@ -744,21 +748,22 @@ class LabPve(fakepve.FakePve):  # type: ignore[misc]
                 'hashpspool': '1', 'use_gmt_hitset': '1', 'target_size': pool['target_size_bytes'],
                 'target_size_ratio': pool['target_size_ratio']}
         if v.get('verbose'):
-            stored, used = self._pool_usage(name)
-            data.update(autoscale_status=self._autoscale(pool), application_list=sorted(pool['application_metadata']),
+            stored, used = self._ceph_pool_usage(name)
+            data.update(autoscale_status=self._ceph_autoscale(pool),
+                        application_list=sorted(pool['application_metadata']),
                         statistics={'stored': stored, 'bytes_used': used, 'kb_used': used // 1024, 'objects': 0,
                                     'percent_used': used / self.ceph_raw_bytes,
                                     'max_avail': (self.ceph_raw_bytes - used) // int(pool['size'])})
         return data
 
     @staticmethod
-    def _pool_settings(v: Json) -> Json:
+    def _ceph_pool_settings(v: Json) -> Json:
         settings = {k: x for k, x in v.items() if k not in ('node', 'name', 'add_storages', 'erasure-coding')}
         if settings.get('target_size') is not None:  # Ceph takes target_size_bytes
             settings['target_size_bytes'] = size_bytes(settings.pop('target_size'))
         return settings
 
-    async def _pool_create(self, v: Json, user: str) -> str:
+    async def _ceph_pool_create(self, v: Json, user: str) -> str:
         """POST .../ceph/pool (task cephcreatepool). Ceph's `osd pool create` succeeds for a pool that
         exists, so PVE then only applies the settings (defaults included) to it."""
         self.need_quorum()
@@ -770,14 +775,14 @@ class LabPve(fakepve.FakePve):  # type: ignore[misc]
             self.require(user, '/storage', 'Datastore.Allocate')
             if not STORAGE_ID.match(name):
                 raise die('pool name contains characters which are illegal for storage naming')
-        settings = dict(POOL_DEFAULTS, **self._pool_settings(v))
+        settings = dict(POOL_DEFAULTS, **self._ceph_pool_settings(v))
 
         async def body() -> None:
             self._rados_in_task()
             if name in self.ceph_pools:
-                self._set_pool(name, settings)
+                self._ceph_set_pool(name, settings)
             else:
-                self._add_pool(name, settings)
+                self._ceph_add_pool(name, settings)
             if add_storages:
                 try:
                     await self._sc_create({'type': 'rbd', 'storage': name, 'pool': name, 'krbd': 0,
@@ -786,21 +791,21 @@ class LabPve(fakepve.FakePve):  # type: ignore[misc]
                     raise TaskError(f"adding PVE storage for ceph pool '{name}' failed: {e.message}") from e
         return str(await self.task(v['node'], 'cephcreatepool', name, user, body))
 
-    async def _pool_set(self, v: Json, user: str) -> str:
+    async def _ceph_pool_set(self, v: Json, user: str) -> str:
         """PUT .../ceph/pool/{name} (task cephsetpool)."""
-        name, settings = v['name'], self._pool_settings(v)
+        name, settings = v['name'], self._ceph_pool_settings(v)
 
         async def body() -> None:
             self._rados_in_task()
-            self._set_pool(name, settings)
+            self._ceph_set_pool(name, settings)
         return str(await self.task(v['node'], 'cephsetpool', name, user, body))
 
-    async def _pool_destroy(self, v: Json, user: str) -> str:
+    async def _ceph_pool_destroy(self, v: Json, user: str) -> str:
         """DELETE .../ceph/pool/{name} (task cephdestroypool): refused while the pool's storages hold images."""
         name = v['name']
         if v.get('remove_storages'):
             self.require(user, '/storage', 'Datastore.Allocate')
-        storages = self._pool_storages(name)
+        storages = self._ceph_pool_storages(name)
 
         async def body() -> None:
             if not v.get('force'):

@@ -1,0 +1,111 @@
+"""Fixtures: a LabPve served over HTTPS on 127.0.0.1, and runs of the pipeline against it."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable, Coroutine, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+from fakepve.certs import make_cert
+from rich.console import Console
+
+from homelab import inventory, pipeline
+from homelab.context import Run, Timeouts
+from homelab.inventory import Inventory
+from homelab.lab.pve import LabPve
+from homelab.lab.serving import Background
+from homelab.target import ProxmoxAccess, Secret, Target
+from homelab.wait import Progress
+
+HOST = "127.0.0.1"
+TOKEN_ID, TOKEN_SECRET = "root@pam!homelab", "unit-test-token-secret"
+PROXMOX_LAYERS = ["ceph", "sdn", "vms"]
+SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHomelabUnitTestKeyHomelabUnitTestKey01 operator@test"
+
+
+@pytest.fixture(scope="session")
+def pki(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    certfile, keyfile, _ = make_cert(str(tmp_path_factory.mktemp("pve-pki")), hosts=(HOST,))
+    return certfile, keyfile
+
+
+@dataclass
+class Cluster:
+    """A fake PVE cluster shaped like the inventory's: pve-alpha, pve-beta, pve-gamma, Ceph, SDN."""
+
+    pve: LabPve
+    loop: Background
+    cafile: str
+    key_path: Path
+    inv: Inventory
+
+    def run(self, inv: Inventory | None = None, agent_timeout: float = 20.0) -> Run:
+        target = Target("lab", ProxmoxAccess(TOKEN_ID, Secret(TOKEN_SECRET), self.cafile, (HOST, self.pve.port)),
+                        ssh_public_key=self.key_path)
+        out = Console(file=io.StringIO(), width=200, highlight=False, soft_wrap=True)
+        return Run(inv or self.inv, target, out, Progress(out), Timeouts(task=60, guest_agent=agent_timeout))
+
+    def up(self, inv: Inventory | None = None, dry_run: bool = False,
+           layers: list[str] | None = None) -> tuple[pipeline.Outcome, Run]:
+        run = self.run(inv)
+        return pipeline.execute(run, "up", layers or PROXMOX_LAYERS, dry_run=dry_run), run
+
+    def call(self, coro: Coroutine[Any, Any, Any]) -> Any:
+        return self.loop.run(coro)
+
+    def vm(self, name: str) -> Any:
+        found = [vm for vm in self.pve.vms if vm.name == name]
+        assert len(found) == 1, f"{len(found)} VMs named {name}"
+        return found[0]
+
+
+@pytest.fixture
+def cluster(pki: tuple[str, str], tmp_path: Path) -> Iterator[Cluster]:
+    inv = inventory.load()
+    pve = LabPve(host=HOST, port=0, node_ips={n.name: str(n.address) for n in inv.proxmox.nodes},
+                 simulate_guests=True)
+    pve.time_scale = 0
+    pve.apitokens[TOKEN_ID] = TOKEN_SECRET
+    loop = Background()
+    loop.run(pve.start(*pki))
+    key = tmp_path / "id_ed25519.pub"
+    key.write_text(SSH_KEY + "\n", encoding="utf-8")
+    try:
+        yield Cluster(pve, loop, pki[0], key, inv)
+    finally:
+        loop.run(pve.stop())
+        loop.close()
+
+
+@pytest.fixture
+def converged(cluster: Cluster) -> Cluster:
+    """The cluster after one successful `up` of the Proxmox layers."""
+    outcome, run = cluster.up()
+    assert not outcome.failed, output(run)
+    return cluster
+
+
+def output(run: Run) -> str:
+    file = run.console.file
+    assert isinstance(file, io.StringIO)
+    return file.getvalue()
+
+
+@pytest.fixture
+def edit() -> Callable[..., Inventory]:
+    """The shipped inventory with some values changed: edit(("k3s", "vms", 1, "memory_mib"), 32768)."""
+    import yaml
+
+    def change(*edits: tuple[tuple[str | int, ...], Any]) -> Inventory:
+        data = yaml.safe_load(inventory.DEFAULT_PATH.read_text(encoding="utf-8"))
+        for path, value in edits:
+            node = data
+            for part in path[:-1]:
+                node = node[part]
+            node[path[-1]] = value
+        return inventory.parse(yaml.safe_dump(data), "edited.yaml")
+
+    return change
