@@ -172,6 +172,10 @@ def run_task(verb: str, inv: Inventory, target_name: str, names: list[str], *, d
     """What `invoke up/down/plan` do: open the run, execute, and return the exit code."""
     from homelab import cli, target
 
+    if target_name == "lab":
+        from homelab.lab import control
+
+        control.enter(sys.argv[1:])
     out = Console(stderr=True, highlight=False, soft_wrap=True) if as_json else cli.console()
     run = Run(inv=inv, target=target.resolve(target_name, inv), console=out, progress=Progress(out))
     outcome = execute(run, verb, names, dry_run=dry_run)

@@ -14,11 +14,9 @@ from pathlib import Path
 
 from homelab.errors import ConfigError
 from homelab.inventory import Inventory
+from homelab.lab import layout
 
 REPO = Path(__file__).resolve().parent.parent
-# The lab writes its credentials here (0600) when it starts; `lab.down` removes them.
-LAB_STATE = Path(os.environ.get("HOMELAB_LAB_STATE", "/run/homelab-lab"))
-LAB_NETNS = "homelab-lab"
 
 
 @dataclass(frozen=True)
@@ -68,7 +66,7 @@ def read_env_file(path: Path) -> dict[str, str]:
 
 def _settings(name: str) -> dict[str, str]:
     if name == "lab":
-        state = LAB_STATE / "target.env"
+        state = layout.STATE / layout.TARGET_ENV
         if not state.exists():
             raise ConfigError("the lab is not running (no lab credentials at " + str(state) + ")",
                               hint="start it with `invoke lab.up`")

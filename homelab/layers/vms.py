@@ -51,6 +51,8 @@ def desired_config(inv: Inventory, vm: Vm, ssh_key: str) -> dict[str, str]:
         "ciuser": inv.k3s.user,
         "sshkeys": urllib.parse.quote(ssh_key.strip() + "\n", safe=""),
         "ipconfig0": f"ip={vm.address}/{net.home.prefixlen},gw={net.gateway}",
+        # Packages are the k3s layer's business (pinned, idempotent), not a first-boot upgrade.
+        "ciupgrade": "0",
         "nameserver": " ".join(str(a) for a in net.nameservers),
         "searchdomain": inv.k3s.search_domain,
     }

@@ -12,12 +12,13 @@ from collections.abc import Callable
 from typing import Any
 
 import pytest
-from conftest import SSH_KEY, Cluster, output
 
 from homelab import pipeline
 from homelab.context import Run
 from homelab.inventory import Inventory
 from homelab.lab.pve import LabPve
+
+from .conftest import SSH_KEY, Cluster, output
 
 GiB = 1024**3
 

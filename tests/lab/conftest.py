@@ -1,0 +1,109 @@
+"""Fixtures for the end-to-end lab tests: a running lab, the pipeline run against it, SSH into the VMs.
+
+Everything that talks to the inventory's addresses runs inside the lab's network namespace:
+`invoke` re-executes itself there, and SSH reaches the VMs through a ProxyCommand that opens
+the TCP connection from inside the namespace. The test process itself never sends a packet to
+192.168.7.0/24.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+from homelab import inventory
+from homelab.lab import layout
+from homelab.target import read_env_file
+
+REPO = Path(__file__).resolve().parents[2]
+NEEDS = {"ip": "iproute2", "nsenter": "util-linux", "systemd-nspawn": "systemd-container",
+         "debootstrap": "debootstrap", "ssh": "openssh-client", "nc": "netcat-openbsd"}
+
+
+def _prerequisites() -> str | None:
+    if os.geteuid() != 0:
+        return "the lab tests need root (network namespaces, mounts, containers)"
+    missing = sorted({pkg for tool, pkg in NEEDS.items() if shutil.which(tool) is None})
+    if missing:
+        return f"the lab tests need the Debian packages {', '.join(missing)} (apt-get install {' '.join(missing)})"
+    return None
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    problem = _prerequisites()
+    if problem is None:
+        return
+    if os.environ.get("CI"):
+        # Under CI the lab tests run, never skip: a missing prerequisite is a failure.
+        raise pytest.UsageError(f"CI: {problem}")
+    for item in items:
+        item.add_marker(pytest.mark.skip(reason=problem))
+
+
+@dataclass
+class Result:
+    argv: list[str]
+    code: int
+    out: str
+    err: str
+    seconds: float
+
+    @property
+    def text(self) -> str:
+        return self.out + self.err
+
+
+def invoke(*args: str, timeout: float = 900) -> Result:
+    argv = [sys.executable, "-m", "invoke", *args]
+    started = time.monotonic()
+    done = subprocess.run(argv, cwd=REPO, capture_output=True, text=True, timeout=timeout, check=False,
+                          env={**os.environ, "HOMELAB_TARGET": "lab"})
+    return Result(argv, done.returncode, done.stdout, done.stderr, time.monotonic() - started)
+
+
+@dataclass
+class Lab:
+    up: Result
+    timings: dict[str, float] = field(default_factory=dict)
+    up_finished: float = 0.0
+
+    @property
+    def env(self) -> dict[str, str]:
+        return read_env_file(layout.STATE / layout.TARGET_ENV)
+
+    def ssh_config(self, path: Path) -> Path:
+        env = self.env
+        path.write_text("\n".join([
+            "Host *",
+            f"  User {inventory.load().k3s.user}",
+            f"  IdentityFile {env['HOMELAB_SSH_PRIVATE_KEY']}",
+            "  IdentitiesOnly yes",
+            f"  UserKnownHostsFile {env['HOMELAB_KNOWN_HOSTS']}",
+            "  StrictHostKeyChecking yes",
+            "  BatchMode yes",
+            "  ConnectTimeout 10",
+            f"  ProxyCommand ip netns exec {layout.NETNS} nc %h %p",
+            "",
+        ]), encoding="utf-8")
+        return path
+
+
+@pytest.fixture(scope="session")
+def lab() -> Iterator[Lab]:
+    """A running lab for the session; torn down at the end whatever happened."""
+    result = invoke("lab.up", timeout=1800)
+    try:
+        assert result.code == 0, result.text
+        yield Lab(result)
+    finally:
+        down = invoke("lab.down")
+        assert down.code == 0, down.text
+
