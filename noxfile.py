@@ -74,6 +74,10 @@ def lab(session: nox.Session) -> None:
     ensure_debian(session, LAB_DEBIAN)
     install(session, "test", "lab")
     session.run("pytest", "tests/lab", *session.posargs)
+    # The lab's rootfs carries Debian's cloud-init: check the NoCloud seeds with its own parser.
+    rootfs = session.run("python", "-c", "from homelab.lab import rootfs; print(rootfs.path())", silent=True)
+    packages = f"{str(rootfs).strip()}/usr/lib/python3/dist-packages"
+    session.run("pytest", "tests/unit/test_cloudinit.py", "-q", env={"HOMELAB_CLOUDINIT_PATH": packages})
 
 
 @nox.session(python=PYTHON, default=False)

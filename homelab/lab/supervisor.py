@@ -132,10 +132,17 @@ class Supervisor:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, stop.set)
         pki = self.state / "pki"
-        await self.pve.start_many(list(self.config["pve_nodes"].values()), self.config["api_port"],
-                                  str(pki / "pve.pem"), str(pki / "pve.key"))
-        log.info("PVE API at %s, port %s", ", ".join(self.config["pve_nodes"].values()), self.config["api_port"])
-        self.dns = await _start_dns(self.config)
+        try:
+            await self.pve.start_many(list(self.config["pve_nodes"].values()), self.config["api_port"],
+                                      str(pki / "pve.pem"), str(pki / "pve.key"))
+            log.info("PVE API at %s, port %s", ", ".join(self.config["pve_nodes"].values()),
+                     self.config["api_port"])
+            self.dns = await _start_dns(self.config)
+        except OSError as exc:
+            # One clear line for lab.up to show: which address and port, and why.
+            log.error("cannot listen: %s", exc)
+            await self.pve.stop()
+            raise SystemExit(1) from None
         self._write_status()
         (self.state / layout.READY).write_text(str(time.time()), encoding="utf-8")
         log.info("lab ready")
@@ -175,6 +182,7 @@ def main(argv: list[str]) -> int:
     state = Path(argv[0])
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s",
                         stream=sys.stderr)
+    logging.getLogger("aiohttp.access").setLevel(logging.WARNING)
     asyncio.run(Supervisor(state).serve())
     return 0
 

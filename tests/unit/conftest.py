@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import sys
 from collections.abc import Callable, Coroutine, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +21,11 @@ from homelab.lab.pve import LabPve
 from homelab.lab.serving import Background
 from homelab.target import ProxmoxAccess, Secret, Target
 from homelab.wait import Progress
+
+# cloud-init's own parser, where it can be imported from (the lab session points this at the lab
+# rootfs's Debian cloud-init, so the seed is checked by the cloud-init that will read it).
+if os.environ.get("HOMELAB_CLOUDINIT_PATH"):
+    sys.path.append(os.environ["HOMELAB_CLOUDINIT_PATH"])
 
 HOST = "127.0.0.1"
 TOKEN_ID, TOKEN_SECRET = "root@pam!homelab", "unit-test-token-secret"
