@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from rich.console import Console
 
 from homelab.clients.proxmox import Endpoint, Proxmox
+from homelab.clients.ssh import Hosts
 from homelab.inventory import Inventory
 from homelab.target import Target
 from homelab.wait import Progress
@@ -18,6 +19,7 @@ class Timeouts:
 
     task: float = 900.0
     guest_agent: float = 600.0
+    k3s: float = 600.0
 
 
 @dataclass
@@ -28,6 +30,8 @@ class Run:
     progress: Progress
     timeouts: Timeouts = field(default_factory=Timeouts)
     _proxmox: Proxmox | None = None
+    # SSH connections to the nodes, opened by the first layer that needs them and closed at the end.
+    ssh: Hosts | None = None
 
     @property
     def proxmox(self) -> Proxmox:
@@ -44,3 +48,10 @@ class Run:
 
     def api_requests(self) -> int:
         return self._proxmox.stats.total if self._proxmox else 0
+
+    def ssh_connections(self) -> int:
+        return self.ssh.opened if self.ssh else 0
+
+    def close(self) -> None:
+        if self.ssh is not None:
+            self.ssh.close()

@@ -178,9 +178,13 @@ class App(Model):
     hostname: DnsName | None = None
 
 
+Url = Annotated[str, StringConstraints(pattern=r"^https?://\S+$")]
+
+
 class Target(Model):
     description: str
-    image_mirror: Annotated[str, StringConstraints(pattern=r"^https?://\S+$")] | None = None
+    image_mirror: Url | None = None
+    k3s_release_url: Url
 
 
 class Targets(Model):

@@ -47,13 +47,13 @@ class NotBuiltLayer:
 
 
 def layers() -> dict[str, Layer]:
-    from homelab.layers import ceph, sdn, vms
+    from homelab.layers import ceph, k3s, sdn, vms
 
     return {
         "ceph": ceph.CephLayer(),
         "sdn": sdn.SdnLayer(),
         "vms": vms.VmsLayer(),
-        "k3s": NotBuiltLayer("k3s", "issue 4"),
+        "k3s": k3s.K3sLayer(),
         "network": NotBuiltLayer("network", "issue 5"),
         "access": NotBuiltLayer("access", "issue 6"),
         "monitoring": NotBuiltLayer("monitoring", "issue 6"),
@@ -156,7 +156,8 @@ def recap(run: Run, rows: list[Row], dry_run: bool) -> None:
     """Ansible-style recap: one line per layer with changed, unchanged, failed and seconds."""
     out = run.console
     title = "PLAN RECAP" if dry_run else "RECAP"
-    out.print(f"\n[bold]{title}[/] (target {run.target.name}, {run.api_requests()} Proxmox API requests)")
+    out.print(f"\n[bold]{title}[/] (target {run.target.name}, {run.api_requests()} Proxmox API requests, "
+              f"{run.ssh_connections()} SSH connections)")
     for r in rows:
         verb = "to change" if dry_run else "changed"
         if r.status in ("ok", "planned", "failed"):
@@ -168,7 +169,8 @@ def recap(run: Run, rows: list[Row], dry_run: bool) -> None:
 
 
 def run_task(verb: str, inv: Inventory, target_name: str, names: list[str], *, dry_run: bool,
-             as_json: bool = False, refuse_without_yes: bool = False) -> int:
+             as_json: bool = False, refuse_without_yes: bool = False,
+             registry: dict[str, Layer] | None = None) -> int:
     """What `invoke up/down/plan` do: open the run, execute, and return the exit code."""
     from homelab import cli, target
 
@@ -178,7 +180,10 @@ def run_task(verb: str, inv: Inventory, target_name: str, names: list[str], *, d
         control.enter(sys.argv[1:])
     out = Console(stderr=True, highlight=False, soft_wrap=True) if as_json else cli.console()
     run = Run(inv=inv, target=target.resolve(target_name, inv), console=out, progress=Progress(out))
-    outcome = execute(run, verb, names, dry_run=dry_run)
+    try:
+        outcome = execute(run, verb, names, dry_run=dry_run, registry=registry)
+    finally:
+        run.close()
     if as_json:
         cli.print_json([c.as_json() for p in outcome.plans for c in p.changes])
     if refuse_without_yes and any(p.pending for p in outcome.plans):

@@ -48,7 +48,7 @@ class Change:
     summary: str
     fields: tuple[FieldDiff, ...] = ()
     note: str | None = None
-    apply: Callable[[], None] | None = field(default=None, repr=False, compare=False)
+    apply: Callable[[], object] | None = field(default=None, repr=False, compare=False)
 
     def as_json(self) -> dict[str, Any]:
         return {

@@ -46,6 +46,12 @@ class Target:
     # The public key cloud-init puts on the VMs (the lab brings its own pair).
     ssh_public_key: Path
     image_mirror: str | None = None
+    k3s_release_url: str = "https://github.com/k3s-io/k3s/releases/download"
+    # The private key for SSH to the nodes, and the known host keys they must match.
+    ssh_private_key: Path = Path("~/.ssh/id_ed25519")
+    known_hosts: Path = Path("~/.ssh/known_hosts")
+    # Where the operator's copies live: the cluster token and the kubeconfig (0600, in a 0700 dir).
+    state_dir: Path = Path("~/.local/state/homelab/live")
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -73,7 +79,8 @@ def _settings(name: str) -> dict[str, str]:
         return read_env_file(state)
     env_file = REPO / ".env"
     values = read_env_file(env_file) if env_file.exists() else {}
-    values.update({k: v for k, v in os.environ.items() if k.startswith(("PROXMOX_", "HOMELAB_SSH_"))})
+    values.update({k: v for k, v in os.environ.items()
+                   if k.startswith(("PROXMOX_", "HOMELAB_SSH_", "HOMELAB_KNOWN_HOSTS"))})
     return values
 
 
@@ -88,8 +95,14 @@ def resolve(name: str, inv: Inventory) -> Target:
     if ca and not Path(ca).is_file():
         raise ConfigError(f"target {name}: PROXMOX_CA_BUNDLE {ca} does not exist")
     settings = inv.targets.lab if name == "lab" else inv.targets.live
+    public = Path(values.get("HOMELAB_SSH_PUBLIC_KEY") or inv.k3s.ssh_public_key).expanduser()
+    private = Path(values.get("HOMELAB_SSH_PRIVATE_KEY") or str(public).removesuffix(".pub")).expanduser()
+    known = Path(values.get("HOMELAB_KNOWN_HOSTS") or "~/.ssh/known_hosts").expanduser()
+    state = (layout.STATE / "operator" if name == "lab"
+             else Path(os.environ.get("HOMELAB_STATE") or "~/.local/state/homelab").expanduser() / name)
     return Target(name=name,
                   proxmox=ProxmoxAccess(values["PROXMOX_TOKEN_ID"], Secret(values["PROXMOX_TOKEN_SECRET"]),
                                         ca or True),
-                  ssh_public_key=Path(values.get("HOMELAB_SSH_PUBLIC_KEY") or inv.k3s.ssh_public_key).expanduser(),
-                  image_mirror=settings.image_mirror)
+                  ssh_public_key=public, image_mirror=settings.image_mirror,
+                  k3s_release_url=settings.k3s_release_url, ssh_private_key=private, known_hosts=known,
+                  state_dir=state)
