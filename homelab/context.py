@@ -20,6 +20,7 @@ class Timeouts:
     task: float = 900.0
     guest_agent: float = 600.0
     k3s: float = 600.0
+    ssh: float = 600.0
 
 
 @dataclass

@@ -185,6 +185,8 @@ class Target(Model):
     description: str
     image_mirror: Url | None = None
     k3s_release_url: Url
+    # Releases the target's mirror offers besides the inventory's own version (the lab's, for upgrades).
+    k3s_versions: list[Annotated[str, StringConstraints(pattern=r"^v\d+\.\d+\.\d+\+k3s\d+$")]] = []
 
 
 class Targets(Model):

@@ -33,6 +33,18 @@ def run(*argv):
     return done.stdout.strip()
 
 
+def present(module):
+    """Loaded or built in: /sys/module lists modules with parameters; the rest show by what they add."""
+    if os.path.isdir("/sys/module/" + module):
+        return True
+    if module == "br_netfilter":
+        return os.path.isdir("/proc/sys/net/bridge")
+    if module == "overlay":
+        with open("/proc/filesystems") as fh:
+            return "overlay" in fh.read().split()
+    return False
+
+
 def sysctl(key):
     try:
         with open("/proc/sys/" + key.replace(".", "/")) as fh:
@@ -48,12 +60,13 @@ with open("/proc/swaps") as fh:
 print(json.dumps({
     "hostname": run("hostname"),
     "packages": {p: p in installed for p in wanted["packages"]},
-    "modules": {m: os.path.isdir("/sys/module/" + m) for m in wanted["modules"]},
+    "modules": {m: present(m) for m in wanted["modules"]},
     "sysctl": {k: sysctl(k) for k in wanted["sysctl"]},
     "swap": swaps,
     "timesync": run("systemctl", "is-enabled", wanted["timesync"]),
     "files": {path: meta(path) for path in wanted["files"]},
     "units": {u: {"active": run("systemctl", "is-active", u), "enabled": run("systemctl", "is-enabled", u)}
               for u in wanted["units"]},
-    "version": run(wanted["binary"], "--version").splitlines()[0] if os.path.exists(wanted["binary"]) else None,
+    "version": (run(wanted["binary"], "--version").splitlines() or [None])[0]
+    if os.access(wanted["binary"], os.X_OK) else None,
 }))

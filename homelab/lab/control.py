@@ -20,14 +20,16 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
+from ipaddress import ip_address
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from rich.console import Console
 
 from homelab.errors import HomelabError
 from homelab.inventory import Inventory
-from homelab.lab import layout, netns, pki, rootfs
+from homelab.lab import layout, netns, pki, release, rootfs
 from homelab.wait import Progress, poll
 
 TOOLS = {"ip": "iproute2", "nsenter": "util-linux", "mount": "mount", "systemd-nspawn": "systemd-container",
@@ -84,6 +86,17 @@ def running() -> bool:
 # ----------------------------------------------------------------------------------- up
 
 
+def mirror_host(inv: Inventory) -> tuple[str, int] | None:
+    """The lab's release and image mirror (from the lab target's URLs), on the home bridge."""
+    url = inv.targets.lab.k3s_release_url
+    parts = urlsplit(url)
+    return (parts.hostname, parts.port or 80) if parts.hostname else None
+
+
+def release_versions(inv: Inventory) -> list[str]:
+    return list(dict.fromkeys([inv.k3s.version, *inv.targets.lab.k3s_versions]))
+
+
 def lab_config(inv: Inventory, root: Path) -> dict[str, Any]:
     """What the supervisor needs: addresses, names and paths (no secrets)."""
     internal = inv.domains.internal.name
@@ -102,14 +115,17 @@ def lab_config(inv: Inventory, root: Path) -> dict[str, Any]:
         "dns_listen": [str(a) for a in inv.network.nameservers if a in inv.network.home],
         "dns_zones": [internal],
         "dns_records": records,
+        "mirror": {"address": mirror[0], "port": mirror[1], "releases": str(rootfs.CACHE / "releases"),
+                   "images": str(rootfs.CACHE / "images")} if (mirror := mirror_host(inv)) else None,
     }
 
 
 def bridge_addresses(inv: Inventory) -> list[str]:
     """The addresses the lab answers at on the home bridge: the gateway, the resolvers, the PVE hosts."""
     prefix = inv.network.home.prefixlen
+    mirror = mirror_host(inv)
     wanted = [inv.network.gateway, *(a for a in inv.network.nameservers if a in inv.network.home),
-              *(n.address for n in inv.proxmox.nodes)]
+              *(n.address for n in inv.proxmox.nodes), *([ip_address(mirror[0])] if mirror else [])]
     return [f"{a}/{prefix}" for a in dict.fromkeys(wanted)]
 
 
@@ -131,6 +147,10 @@ def up(inv: Inventory, out: Console, timeout: float = 60.0) -> bool:
     progress = Progress(out)
     started = time.monotonic()
     root = rootfs.ensure(progress)
+    for version in release_versions(inv):
+        with progress.waiting(f"the k3s stand-in release {version} (vendoring from PyPI the first time)"):
+            release.build(version, rootfs.CACHE / "releases", cache=rootfs.CACHE)
+    (rootfs.CACHE / "images").mkdir(parents=True, exist_ok=True)
     try:
         _make(inv, root, out, progress, timeout)
     except BaseException:
@@ -224,7 +244,7 @@ def down(out: Console, purge: bool = False, quiet: bool = False, timeout: float 
     shutil.rmtree(layout.STATE, ignore_errors=True)
     if purge:
         for removed in rootfs.purge():
-            out.print(f"removed the cached rootfs {removed}")
+            out.print(f"removed the cached {removed}")
     left = leftovers()
     if not quiet:
         if left:

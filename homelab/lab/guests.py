@@ -102,8 +102,11 @@ class Guests:
                     "--link-journal=no", "--timezone=off", f"--machine={_machine(name)}",
                     f"--directory={guest.root}", "--boot"]
             limits = _limits(vmid, config)
+            # A VM's root may tune its own network stack (ip_forward for K3s): /proc/sys/net is per
+            # namespace, and the VM has a namespace of its own.
+            env = {**os.environ, "SYSTEMD_NSPAWN_API_VFS_WRITABLE": "network"}
             guest.proc = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=console, stderr=subprocess.STDOUT,
-                                          start_new_session=True, preexec_fn=limits)  # noqa: PLW1509 - only writes cgroup files
+                                          start_new_session=True, preexec_fn=limits, env=env)  # noqa: PLW1509 - only writes cgroup files
             console.close()
             guest.started = time.monotonic()
             log.info("VM %s (%s) booting, nspawn pid %s", vmid, name, guest.proc.pid)

@@ -113,8 +113,9 @@ def ensure(progress: Progress, timeout: float = 1800.0) -> Path:
 
 
 def purge() -> list[Path]:
-    """Remove every cached rootfs; returns what was removed."""
-    removed = sorted(CACHE.glob("rootfs-*")) if CACHE.is_dir() else []
+    """Remove every cached rootfs, release and vendored package set; returns what was removed."""
+    removed = sorted([*CACHE.glob("rootfs-*"), *CACHE.glob("vendor-*"), *CACHE.glob("releases"),
+                      *CACHE.glob("images")]) if CACHE.is_dir() else []
     for old in removed:
         shutil.rmtree(old, ignore_errors=True)
     return removed

@@ -62,6 +62,7 @@ class Supervisor:
         self.pve.apitokens[secrets["PROXMOX_TOKEN_ID"]] = secrets["PROXMOX_TOKEN_SECRET"]
         self.pve.cluster_name = self.config["cluster"]
         self.dns: Any = None
+        self.mirror: Any = None
         self._known_hosts_lock = threading.Lock()
         self._status_lock = threading.Lock()
 
@@ -138,6 +139,8 @@ class Supervisor:
             log.info("PVE API at %s, port %s", ", ".join(self.config["pve_nodes"].values()),
                      self.config["api_port"])
             self.dns = await _start_dns(self.config)
+            if self.config.get("mirror"):
+                self.mirror = await _start_mirror(self.config["mirror"])
         except OSError as exc:
             # One clear line for lab.up to show: which address and port, and why.
             log.error("cannot listen: %s", exc)
@@ -152,6 +155,8 @@ class Supervisor:
         await loop.run_in_executor(None, self.guests.stop_all)
         if self.dns is not None:
             await self.dns.stop()
+        if self.mirror is not None:
+            await self.mirror.stop()
         await self.pve.stop()
         self.pool.shutdown(wait=True)
         self._write_status()
@@ -167,6 +172,15 @@ async def _start_dns(config: dict[str, Any]) -> Any:
     await dns.start([(address, 53, "internal") for address in config["dns_listen"]])
     log.info("DNS at %s for %s", ", ".join(config["dns_listen"]), ", ".join(config["dns_zones"]))
     return dns
+
+
+async def _start_mirror(config: dict[str, Any]) -> Any:
+    from homelab.lab.mirror import Mirror
+
+    mirror = Mirror(Path(config["releases"]), Path(config["images"]))
+    await mirror.start(config["address"], config["port"])
+    log.info("release and image mirror at http://%s:%s", config["address"], config["port"])
+    return mirror
 
 
 def ipconfig_address(ipconfig: str) -> str | None:

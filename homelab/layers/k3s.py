@@ -216,6 +216,7 @@ class K3sLayer:
         script = (FILES / "facts.py").read_bytes()
         out = {}
         for vm in vms:
+            hosts.wait(str(vm.address), run.timeouts.ssh, run.progress)
             wanted = {"packages": PACKAGES, "modules": MODULES, "sysctl": list(SYSCTLS), "timesync": TIMESYNC,
                       "files": [BINARY, CONFIG, TOKEN, unit_path(vm), MODULES_FILE, SYSCTL_FILE],
                       "units": [unit_name(vm)], "binary": BINARY}
@@ -319,7 +320,7 @@ class K3sLayer:
             add(Change(LAYER, "token", vm.name, "create" if facts.file(TOKEN) is None else "update",
                        "the cluster token (0600, from the operator's copy)",
                        (FieldDiff("token", "(absent)" if facts.file(TOKEN) is None else "(differs)", "(set)"),),
-                       apply=lambda: hosts.put(address, token, TOKEN, "0600")))
+                       apply=lambda: hosts.put(address, token, TOKEN, "0600", secret=True)))
         config = render_config(run.inv, vm).encode()
         if not facts.same(CONFIG, config, "0600"):
             node.changed.append("config")

@@ -18,10 +18,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
+import testinfra
 
 from homelab import inventory
 from homelab.lab import layout
 from homelab.target import read_env_file
+from homelab.wait import Silent, poll
 
 REPO = Path(__file__).resolve().parents[2]
 NEEDS = {"ip": "iproute2", "nsenter": "util-linux", "systemd-nspawn": "systemd-container",
@@ -107,3 +109,41 @@ def lab() -> Iterator[Lab]:
         down = invoke("lab.down")
         assert down.code == 0, down.text
 
+
+
+PROXMOX = "ceph,sdn,vms"
+INV = inventory.load()
+
+
+@pytest.fixture(scope="session")
+def built(lab: Lab) -> Lab:
+    """The lab after `invoke up --target lab` of the Proxmox layers."""
+    result = invoke("up", "--only", PROXMOX, timeout=900)
+    assert result.code == 0, result.text
+    lab.timings["up"] = result.seconds
+    lab.up_finished = time.monotonic()
+    return lab
+
+
+@pytest.fixture(scope="session")
+def ssh_config(built: Lab, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """SSH settings for the VMs, once each VM's host keys are recorded and sshd answers (boot, cloud-init)."""
+    config = built.ssh_config(tmp_path_factory.mktemp("ssh") / "config")
+    known_hosts = Path(built.env["HOMELAB_KNOWN_HOSTS"])
+
+    def probe(vm: inventory.Vm) -> tuple[bool | None, str]:
+        if not known_hosts.exists() or str(vm.address) not in known_hosts.read_text():
+            return None, "host keys not recorded yet"
+        done = subprocess.run(["ssh", "-F", str(config), str(vm.address), "true"], capture_output=True, text=True,
+                              timeout=30, check=False)
+        return (True if done.returncode == 0 else None), done.stderr.strip()[-120:]
+
+    for vm in INV.k3s.vms:
+        poll(f"SSH on {vm.name}", lambda vm=vm: probe(vm), timeout=300, progress=Silent(), first=0.5, maximum=3)
+        built.timings[f"ssh {vm.name}"] = time.monotonic() - built.up_finished
+    return config
+
+
+def host(name: str, ssh_config: Path) -> testinfra.host.Host:
+    vm = INV.vm(name)
+    return testinfra.get_host(f"ssh://{vm.address}", ssh_config=str(ssh_config))

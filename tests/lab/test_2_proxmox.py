@@ -1,6 +1,6 @@
 """End to end on the lab: lab.up, the Proxmox layers create the VMs, SSH finds real hosts, lab.down.
 
-The tests run in file order and share one lab (session fixture); the last one takes it down.
+The lab tests run in file order and share one lab (session fixture); test_9_teardown takes it down.
 """
 
 from __future__ import annotations
@@ -9,54 +9,16 @@ import errno
 import json
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-import testinfra
 
 from homelab import inventory
 from homelab.lab import control, layout, netns
-from homelab.wait import Silent, poll
 
-from .conftest import Lab, invoke
+from .conftest import PROXMOX, Lab, host, invoke
 
 INV = inventory.load()
-PROXMOX = "ceph,sdn,vms"
-
-
-@pytest.fixture(scope="module")
-def built(lab: Lab) -> Lab:
-    """The lab after `invoke up --target lab` of the Proxmox layers."""
-    result = invoke("up", "--only", PROXMOX, timeout=900)
-    assert result.code == 0, result.text
-    lab.timings["up"] = result.seconds
-    lab.up_finished = time.monotonic()
-    return lab
-
-
-@pytest.fixture(scope="module")
-def ssh_config(built: Lab, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """SSH settings for the VMs, once each VM's host keys are recorded and sshd answers (boot, cloud-init)."""
-    config = built.ssh_config(tmp_path_factory.mktemp("ssh") / "config")
-    known_hosts = Path(built.env["HOMELAB_KNOWN_HOSTS"])
-
-    def probe(vm: inventory.Vm) -> tuple[bool | None, str]:
-        if not known_hosts.exists() or str(vm.address) not in known_hosts.read_text():
-            return None, "host keys not recorded yet"
-        done = subprocess.run(["ssh", "-F", str(config), str(vm.address), "true"], capture_output=True, text=True,
-                              timeout=30, check=False)
-        return (True if done.returncode == 0 else None), done.stderr.strip()[-120:]
-
-    for vm in INV.k3s.vms:
-        poll(f"SSH on {vm.name}", lambda vm=vm: probe(vm), timeout=300, progress=Silent(), first=0.5, maximum=3)
-        built.timings[f"ssh {vm.name}"] = time.monotonic() - built.up_finished
-    return config
-
-
-def host(name: str, ssh_config: Path) -> testinfra.host.Host:
-    vm = INV.vm(name)
-    return testinfra.get_host(f"ssh://{vm.address}", ssh_config=str(ssh_config))
 
 
 def test_lab_up_starts_the_lab(lab: Lab) -> None:
@@ -127,15 +89,3 @@ def test_a_second_up_changes_nothing(built: Lab) -> None:
     again = invoke("up", "--only", PROXMOX)
     assert again.code == 0, again.text
     assert again.text.count("changed=0") == 3, again.text
-
-
-def test_lab_down_leaves_nothing_behind(built: Lab) -> None:
-    down = invoke("lab.down")
-    assert down.code == 0, down.text
-    assert control.leftovers() == []
-    assert netns.names(layout.NETNS_PREFIX) == []
-    assert not layout.STATE.exists() and not layout.VAR.exists()
-    with Path("/proc/self/mounts").open() as mounts:
-        assert not [line for line in mounts if "homelab" in line]
-    status = invoke("lab.status")
-    assert status.code == 3 and "not running" in status.text

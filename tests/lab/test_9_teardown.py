@@ -1,0 +1,21 @@
+"""The last lab test: lab.down leaves nothing behind."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from homelab.lab import control, layout, netns
+
+from .conftest import Lab, invoke
+
+
+def test_lab_down_leaves_nothing_behind(built: Lab) -> None:
+    down = invoke("lab.down")
+    assert down.code == 0, down.text
+    assert control.leftovers() == []
+    assert netns.names(layout.NETNS_PREFIX) == []
+    assert not layout.STATE.exists() and not layout.VAR.exists()
+    with Path("/proc/self/mounts").open() as mounts:
+        assert not [line for line in mounts if "homelab" in line]
+    status = invoke("lab.status")
+    assert status.code == 3 and "not running" in status.text
