@@ -22,6 +22,8 @@ from homelab import inventory  # noqa: E402
 from homelab.lab import layout  # noqa: E402
 from homelab.target import read_env_file  # noqa: E402
 
+LAST = {"out": ""}
+
 
 def invoke(*args: str) -> float:
     started = time.perf_counter()
@@ -30,7 +32,13 @@ def invoke(*args: str) -> float:
     seconds = time.perf_counter() - started
     if done.returncode not in (0, 3):
         raise SystemExit(f"invoke {' '.join(args)} failed:\n{done.stdout}\n{done.stderr}")
+    LAST["out"] = done.stdout + done.stderr
     return seconds
+
+
+def recap() -> str:
+    """The recap's header: API requests and SSH connections of the last run."""
+    return next((line.strip() for line in LAST["out"].splitlines() if "RECAP" in line), "")
 
 
 def ssh_ready(address: str, env: dict[str, str]) -> bool:
@@ -75,6 +83,10 @@ def main() -> int:
                     del pending[name]
         times = [invoke("up", "--only", "ceph,sdn,vms") for _ in range(3)]
         print(f"invoke up --only ceph,sdn,vms (no-op): {', '.join(f'{t:.2f}' for t in times)} s")
+        print(f"invoke up --to k3s (cold k3s: to three Ready nodes): {invoke('up', '--to', 'k3s'):.1f} s; {recap()}")
+        times = [invoke("up", "--to", "k3s") for _ in range(3)]
+        print(f"invoke up --to k3s (no-op): {', '.join(f'{t:.2f}' for t in times)} s; {recap()}")
+        print(f"invoke up (whole pipeline, no-op, stops at the first layer not built): {invoke('up'):.2f} s")
         status = json.loads((layout.STATE / layout.STATUS_JSON).read_text())
         for vm in status["vms"]:
             if vm.get("pid"):

@@ -33,11 +33,14 @@ version = (here / "VERSION").read_text()
 if sys.argv[1:] == ["--version"]:
     print(f"k3s version {version} (stand-in)")
 elif sys.argv[1:] == ["validate"]:
-    import kubernetes_validate, rpds, yaml
+    # As the stand-in does: read kubernetes-validate's bundled schemas without importing the library.
+    import importlib.util, yaml
     doc = yaml.safe_load(sys.stdin)
-    print(json.dumps({"k8s": kubernetes_validate.validate(doc, "1.33.0", strict=True),
-                      "yaml": yaml.__file__, "kubernetes_validate": kubernetes_validate.__file__,
-                      "rpds": rpds.__file__}))
+    root = Path(importlib.util.find_spec("kubernetes_validate").origin).parent / "kubernetes-json-schema"
+    schema = json.loads((root / "v1.33.0-local-strict" / "deployment-apps-v1.json").read_text())
+    print(json.dumps({"kind": doc["kind"], "schema_props": sorted(schema["properties"]),
+                      "minors": sorted(p.name for p in root.iterdir()),
+                      "yaml": yaml.__file__, "kubernetes_validate": str(root)}))
 else:
     print(json.dumps({"version": version, "argv": sys.argv[1:], "stdin": sys.stdin.read(),
                       "package": str(here), "path": sys.path}))
@@ -287,13 +290,15 @@ def test_vendored_kubernetes_validate_runs_on_debian_python(package: Path, tmp_p
     done = run(out / "k3s", "validate", env=env, stdin=DEPLOYMENT)
     assert done.returncode == 0, done.stderr
     seen = json.loads(done.stdout)
-    assert seen["k8s"] == "1.33"
+    assert seen["kind"] == "Deployment" and {"spec", "metadata", "status"} <= set(seen["schema_props"])
+    # Only the release's Kubernetes minor is shipped (the other minors are 69 MB of schemas).
+    assert seen["minors"] and all(m.startswith("v1.33.") for m in seen["minors"])
     unpacked = Path(env["K3S_DATA_DIR"]) / "data" / release.payload_sha256(out / "k3s")
     assert Path(seen["kubernetes_validate"]).is_relative_to(unpacked)
-    assert Path(seen["rpds"]).is_relative_to(unpacked)  # the compiled one, built for cp311 manylinux
     assert not Path(seen["yaml"]).is_relative_to(unpacked)  # PyYAML comes from the system (Debian)
     if PYTHON == "/usr/bin/python3":
         assert seen["yaml"].startswith("/usr/lib/python3/dist-packages/")
     names = {p.name for p in unpacked.iterdir()}
     assert not names & {"yaml", "_yaml", "cryptography", "bin", "__pycache__"}
-    assert {"kubernetes_validate", "jsonschema", "referencing", "rpds", "k3s_standin"} <= names
+    assert {"kubernetes_validate", "k3s_standin"} <= names
+    assert not names & {"jsonschema", "referencing", "rpds"}  # the stand-in needs only the schemas
