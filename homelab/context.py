@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 from rich.console import Console
 
@@ -33,6 +34,8 @@ class Run:
     _proxmox: Proxmox | None = None
     # SSH connections to the nodes, opened by the first layer that needs them and closed at the end.
     ssh: Hosts | None = None
+    # The cluster's API (homelab.clients.kube.Kube), opened by the first Kubernetes layer.
+    kube: Any = None
 
     @property
     def proxmox(self) -> Proxmox:
@@ -49,6 +52,9 @@ class Run:
 
     def api_requests(self) -> int:
         return self._proxmox.stats.total if self._proxmox else 0
+
+    def kube_requests(self) -> int:
+        return int(self.kube.calls) if self.kube is not None else 0
 
     def ssh_connections(self) -> int:
         return self.ssh.opened if self.ssh else 0

@@ -157,7 +157,7 @@ def recap(run: Run, rows: list[Row], dry_run: bool) -> None:
     out = run.console
     title = "PLAN RECAP" if dry_run else "RECAP"
     out.print(f"\n[bold]{title}[/] (target {run.target.name}, {run.api_requests()} Proxmox API requests, "
-              f"{run.ssh_connections()} SSH connections)")
+              f"{run.ssh_connections()} SSH connections, {run.kube_requests()} Kubernetes API requests)")
     for r in rows:
         verb = "to change" if dry_run else "changed"
         if r.status in ("ok", "planned", "failed"):

@@ -1,0 +1,182 @@
+"""Kubernetes layers: manifests rendered from the inventory, applied server-side, pruned by label.
+
+Reads are one list per kind, selected by our labels. A desired object is a no-op when the
+cluster's copy already holds every field we set; otherwise it is applied (server-side apply,
+one field manager). Custom resources wait until their CRD is served (no "sleep 60"); objects
+with our labels that the manifests no longer declare are deleted. `down` deletes in reverse.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from homelab.clients.kube import COMPONENT, MANAGED_BY, Kube, contains, describe, identity
+from homelab.context import Run
+from homelab.layers.k3s import CONTEXT, kubeconfig_path, operator_dir
+from homelab.plan import Change, FieldDiff, LayerPlan
+from homelab.wait import poll
+
+BUILTIN_GROUPS = {"v1", "apps/v1", "batch/v1", "networking.k8s.io/v1", "storage.k8s.io/v1",
+                  "rbac.authorization.k8s.io/v1", "policy/v1", "apiextensions.k8s.io/v1", "helm.cattle.io/v1"}
+
+
+def kube(run: Run) -> Kube:
+    if run.kube is None:
+        run.kube = Kube(kubeconfig_path(run), CONTEXT, operator_dir(run))
+    return run.kube  # type: ignore[no-any-return]
+
+
+def field_diff(actual: dict[str, Any] | None, desired: dict[str, Any], prefix: str = "") -> list[FieldDiff]:
+    """The paths (two levels deep at most) whose desired value the actual object does not hold."""
+    out = []
+    for key, value in desired.items():
+        if key in ("apiVersion", "kind"):
+            continue
+        have = (actual or {}).get(key)
+        if contains(have, value):
+            continue
+        path = f"{prefix}{key}"
+        if isinstance(value, dict) and isinstance(have, dict) and not prefix:
+            out += field_diff(have, value, prefix=f"{path}.")
+        else:
+            out.append(FieldDiff(path, _short(have), _short(value)))
+    return out
+
+
+def _short(value: Any) -> Any:
+    text = str(value)
+    return value if len(text) <= 80 else text[:77] + "..."
+
+
+class ManifestLayer:
+    def __init__(self, name: str, components: Sequence[str], render: Callable[[Run, str], Any]) -> None:
+        self.name = name
+        self.components = tuple(components)
+        self._render = render
+
+    def _selector(self) -> str:
+        return f"{MANAGED_BY}=homelab,{COMPONENT} in ({','.join(self.components)})"
+
+    def _desired(self, run: Run, plan: LayerPlan) -> list[tuple[str, dict[str, Any]]]:
+        out = []
+        for component in self.components:
+            result = self._render(run, component)
+            plan.warnings.extend(result.warnings)
+            out += [(component, obj) for obj in result.objects]
+        return out
+
+    def _actual(self, run: Run, kinds: Sequence[tuple[str, str]]) -> dict[tuple[str, str, str, str], dict[str, Any]]:
+        k = kube(run)
+        found = {}
+        for api_version, kind in kinds:
+            for obj in k.list(api_version, kind, self._selector()):
+                found[identity(obj)] = obj
+        return found
+
+    def plan_up(self, run: Run) -> LayerPlan:
+        plan = LayerPlan(self.name)
+        desired = self._desired(run, plan)
+        kinds = list(dict.fromkeys((obj["apiVersion"], obj["kind"]) for _, obj in desired))
+        actual = self._actual(run, kinds)
+        k = kube(run)
+        for component, obj in desired:
+            current = actual.pop(identity(obj), None)
+            if current is not None and contains(current, obj):
+                plan.add(Change(self.name, obj["kind"], _name(obj), "noop", f"{component}: up to date"))
+                continue
+            fields = tuple(field_diff(current, obj))
+            plan.add(Change(self.name, obj["kind"], _name(obj), "create" if current is None else "update",
+                            f"{component}: server-side apply", fields, apply=self._applier(run, obj)))
+        for obj in actual.values():
+            plan.add(Change(self.name, obj["kind"], _name(obj), "delete",
+                            f"{obj['metadata'].get('labels', {}).get(COMPONENT, '?')}: no longer declared (prune)",
+                            apply=_deleter(k, obj)))
+
+        def finish() -> None:
+            wait_ready(run, [obj for _, obj in desired])
+
+        plan.finish = finish
+        return plan
+
+    def _applier(self, run: Run, obj: dict[str, Any]) -> Callable[[], None]:
+        def apply() -> None:
+            k = kube(run)
+            if obj["apiVersion"] not in BUILTIN_GROUPS:
+                k.wait_served([(obj["apiVersion"], obj["kind"])], run.progress, run.timeouts.k3s)
+            k.apply(obj)
+
+        return apply
+
+    def plan_down(self, run: Run) -> LayerPlan:
+        plan = LayerPlan(self.name)
+        desired = self._desired(run, plan)
+        kinds = list(dict.fromkeys((obj["apiVersion"], obj["kind"]) for _, obj in desired))
+        actual = self._actual(run, kinds)
+        k = kube(run)
+        for obj in reversed([o for _, o in desired if identity(o) in actual] + [
+                o for ident, o in actual.items() if ident not in {identity(d) for _, d in desired}]):
+            plan.add(Change(self.name, obj["kind"], _name(obj), "delete", "remove", apply=_deleter(k, obj)))
+        return plan
+
+
+def _deleter(k: Kube, obj: dict[str, Any]) -> Callable[[], None]:
+    return lambda: k.delete(obj)
+
+
+def _name(obj: dict[str, Any]) -> str:
+    meta = obj["metadata"]
+    return f"{meta['namespace']}/{meta['name']}" if meta.get("namespace") else str(meta["name"])
+
+
+def wait_ready(run: Run, objects: Sequence[dict[str, Any]]) -> None:
+    """Per component: each HelmChart's release Deployment Available, LoadBalancers with an address,
+    Certificates Ready."""
+    k = kube(run)
+    checks: list[tuple[str, Callable[[], str | None]]] = []
+    for obj in objects:
+        kind, meta = obj["kind"], obj["metadata"]
+        if kind == "HelmChart":
+            ns = obj.get("spec", {}).get("targetNamespace") or meta.get("namespace", "kube-system")
+            checks.append((f"HelmChart {meta['name']} installed", _deployment_check(k, ns, str(meta["name"]))))
+        elif kind == "Certificate":
+            checks.append((f"Certificate {meta['namespace']}/{meta['name']} Ready", _condition_check(k, obj, "Ready")))
+    for what, check in checks:
+        def probe(check: Callable[[], str | None] = check) -> tuple[bool | None, str]:
+            problem = check()
+            return (True if problem is None else None), problem or "ready"
+        poll(what, probe, timeout=run.timeouts.k3s, progress=run.progress, first=0.3, maximum=3)
+
+
+def _deployment_check(k: Kube, namespace: str, name: str) -> Callable[[], str | None]:
+    return lambda: _deployment_ready(k, namespace, name)
+
+
+def _condition_check(k: Kube, obj: dict[str, Any], kind: str) -> Callable[[], str | None]:
+    return lambda: _condition(k, obj, kind)
+
+
+def _deployment_ready(k: Kube, namespace: str, name: str) -> str | None:
+    dep = k.get({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": namespace}})
+    if dep is None:  # until the chart is installed
+        return f"no Deployment {namespace}/{name} yet"
+    status = dep.get("status") or {}
+    wanted = (dep.get("spec") or {}).get("replicas", 1)
+    available = status.get("availableReplicas", 0)
+    return None if available >= wanted else f"{available}/{wanted} available"
+
+
+def _condition(k: Kube, obj: dict[str, Any], kind: str) -> str | None:
+    current = k.get(obj)
+    if current is None:
+        return f"{describe(obj)} not found"
+    for condition in (current.get("status") or {}).get("conditions") or []:
+        if condition.get("type") == kind:
+            return None if condition.get("status") == "True" else condition.get("message", "not ready")
+    return f"no {kind} condition yet"
+
+
+def environment_secrets() -> dict[str, str]:
+    """Secrets the manifests may carry, from the environment only (never from files in the repository)."""
+    return {k: v for k, v in os.environ.items() if k in ("CLOUDFLARE_API_TOKEN", "HOMELAB_CEPH_CSI_KEY") and v}
