@@ -224,18 +224,19 @@ class K3sLayer:
             out[vm.name] = NodeFacts(vm, json.loads(done.stdout))
         return out
 
-    def token(self, run: Run, server_facts: NodeFacts) -> bytes:
-        """The cluster token: the operator's copy, else the control plane's, else a new one (kept 0600)."""
+    def token(self, run: Run, server_facts: NodeFacts) -> tuple[bytes, str | None]:
+        """The cluster token and, when the operator has no copy yet, where it comes from.
+
+        The operator's copy wins; else the control plane's; else a new one. Nothing is written
+        here: keeping the operator's copy (0600) is a change of the plan like any other.
+        """
         path = operator_dir(run) / "k3s-token"
         if path.exists():
-            return path.read_bytes().strip()
+            return path.read_bytes().strip(), None
         if server_facts.file(TOKEN):
             token = self._hosts(run).run(str(server_facts.vm.address), ["cat", TOKEN], sudo=True).stdout.strip()
-            data = token.encode()
-        else:
-            data = secrets.token_hex(32).encode()
-        _write_private(path, data + b"\n")
-        return data
+            return token.encode(), f"copied from {server_facts.vm.name}"
+        return secrets.token_hex(32).encode(), "generated"
 
     def plan_up(self, run: Run) -> LayerPlan:
         inv = run.inv
@@ -244,7 +245,13 @@ class K3sLayer:
         plan = LayerPlan(LAYER)
         servers, agents = inv.k3s.servers, [vm for vm in inv.k3s.vms if vm.role == "agent"]
         facts = self.gather(run, [*servers, *agents])
-        token = self.token(run, facts[servers[0].name])
+        token, origin = self.token(run, facts[servers[0].name])
+        if origin:
+            path = operator_dir(run) / "k3s-token"
+            plan.add(Change(LAYER, "token", "operator", "create",
+                            f"the operator's copy of the cluster token ({origin})",
+                            (FieldDiff("path", None, str(path)),),
+                            apply=lambda: _write_private(path, token + b"\n")))
         checksum = release.checksum()
         plan.facts.append(f"K3s {version}, binary sha256 {checksum[:12]} ({release.url})")
         cluster_running = facts[servers[0].name].unit.get("active") == "active"

@@ -195,3 +195,22 @@ def test_upgrade_rolls_one_node_at_a_time_control_plane_first(k3s: Result) -> No
     assert {n["version"] for n in state["nodes"].values()} == {UPGRADE}
     assert not any(n["unschedulable"] for n in state["nodes"].values())
     assert all(n["ready"] == ["True"] for n in state["nodes"].values())
+
+
+def test_uninstall_removes_k3s_from_every_node(k3s: Result, ssh_config: Path) -> None:
+    refused = invoke("k3s.uninstall")
+    assert refused.code == 1 and "--yes" in refused.text  # prints the plan, changes nothing
+    assert host("ichigo", ssh_config).service("k3s").is_running
+    result = invoke("k3s.uninstall", "--yes")
+    assert result.code == 0, result.text
+    for vm in INV.k3s.vms:
+        h = host(vm.name, ssh_config)
+        unit = "k3s" if vm.role == "server" else "k3s-agent"
+        assert not h.service(unit).is_running
+        assert not h.file("/usr/local/bin/k3s").exists
+        assert not h.file(f"/etc/systemd/system/{unit}.service").exists
+        assert not h.file("/etc/rancher/k3s").exists
+    assert not (layout.STATE / "operator" / "kubeconfig").exists()
+    plan = invoke("k3s.plan", "--json")
+    assert plan.code == 0, plan.text
+    assert {c["kind"] for c in json.loads(plan.out) if c["action"] == "create"} >= {"binary", "config", "token"}
