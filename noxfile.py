@@ -1,4 +1,4 @@
-"""nox sessions: lint, typecheck, unit, lab (the default run, and CI's); live is opt-in.
+"""nox sessions: lint, typecheck, unit, manifests, lab (the default run, and CI's); live is opt-in.
 
 Each session installs from pyproject's dependency groups, so versions live in one place.
 """
@@ -14,7 +14,7 @@ import nox
 nox.options.default_venv_backend = "venv"
 nox.options.reuse_venv = "yes"
 nox.options.error_on_missing_interpreters = True
-nox.options.sessions = ["lint", "typecheck", "unit", "lab"]
+nox.options.sessions = ["lint", "typecheck", "unit", "manifests", "lab"]
 
 PYPROJECT = nox.project.load_toml("pyproject.toml")
 PYTHON = "3.11"
@@ -46,6 +46,13 @@ def unit(session: nox.Session) -> None:
     """Offline tests: inventory, planners, and the Proxmox layers against fakepve over HTTPS."""
     install(session, "test")
     session.run("pytest", "tests/unit", *session.posargs)
+
+
+@nox.session(python=PYTHON)
+def manifests(session: nox.Session) -> None:
+    """Render every component's manifests and validate them offline (schemas, unknown fields refused)."""
+    install(session, "manifests")
+    session.run("python", "-m", "homelab.validate", *session.posargs)
 
 
 def ensure_debian(session: nox.Session, packages: list[str]) -> None:

@@ -136,6 +136,7 @@ class Api:
                  log: Log) -> None:
         self.store, self.registry, self.builtin, self.info, self.log = store, registry, builtin, info, log
         self.stopping = False
+        self.public_routes: dict[str, Callable[[], Response]] = {}  # unauthenticated GET paths (the controllers')
 
     # ================================================================================== entry point
     def handle(self, req: Request) -> Response:
@@ -153,6 +154,8 @@ class Api:
             return Response(200, self.info.ca_pem, content_type="text/plain")
         if path == "/ping":
             return Response(200, b"pong", content_type="text/plain")
+        if path in self.public_routes and req.method == "GET":
+            return self.public_routes[path]()
         auth = req.header("Authorization")
         if not self.info.authenticate(auth):
             return json_response(401, ApiError(401, "Unauthorized", "Unauthorized").status())
@@ -771,7 +774,8 @@ class Api:
         return json_response(200, self._deleted_response(rt, gone))
 
     def _deleted_response(self, rt: ResourceType, obj: JSONObj) -> JSONObj:
-        if rt.crd is not None or rt.storage_key in ("/pods", "/namespaces",
+        if rt.crd is not None or rt.storage_key in ("/pods", "/namespaces", "/services", "/persistentvolumeclaims",
+                                                    "/persistentvolumes",
                                                     "apiextensions.k8s.io/customresourcedefinitions"):
             out = self._out(rt, obj)
             if rt.storage_key == "/namespaces":

@@ -20,6 +20,8 @@ import yaml
 from . import config as cfg
 from . import pki, systemd, tokens
 from .api import Api, ApiError, ClusterInfo, Request, Response, WriteOptions, parse_rfc3339, rfc3339
+from .controllers import Controllers, LbHook
+from .helmcrds import helm_crds
 from .kubelet import Kubelet, NodeParams, heartbeat_interval, node_grace
 from .log import Log
 from .resources import Registry
@@ -75,8 +77,11 @@ class ServerHandle:
 
 
 class Server:
-    def __init__(self, settings: cfg.ServerSettings, raw: cfg.RawConfig, log: Log, env: Mapping[str, str]) -> None:
+    def __init__(self, settings: cfg.ServerSettings, raw: cfg.RawConfig, log: Log, env: Mapping[str, str],
+                 on_lb_change: LbHook | None = None) -> None:
         self.s, self.raw, self.log, self.env = settings, raw, log, env
+        self.on_lb_change = on_lb_change
+        self.controllers: Controllers | None = None
         self.version = read_version()
         self.grace = node_grace(env)
         self.stopped = threading.Event()
@@ -145,6 +150,8 @@ class Server:
             thread = threading.Thread(target=target, name=f"k3s-standin-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
+        self.controllers = Controllers(self.api, s.data_dir, log, self.env, self.on_lb_change)
+        self.controllers.start()
         systemd.notify("READY=1")
         log.info("k3s is up and running")
         return ServerHandle(port=port, url=kube_url, kubeconfig=s.write_kubeconfig, ca_file=ca_file,
@@ -249,6 +256,16 @@ class Server:
                       "addressType": "IPv4",
                       "endpoints": [{"addresses": [s.advertise_address], "conditions": {"ready": True}}],
                       "ports": [{"name": "https", "port": s.advertise_port, "protocol": "TCP"}]}
+            crd_rt = self.registry.get("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+            assert crd_rt is not None
+            for crd in helm_crds():  # K3s registers the helm-controller's CRDs at start
+                current = self.store.get(crd_rt.storage_key, "", crd["metadata"]["name"])
+                if current is None:
+                    api.create_object(crd_rt, crd, opts)
+                else:
+                    merged = dict(current)
+                    merged["spec"] = crd["spec"]
+                    api.update_object(crd_rt, current, merged, opts, "")
             for rt, body in ((ep_rt, endpoints), (eps_rt, slice_)):
                 current = self.store.get(rt.storage_key, "default", "kubernetes")
                 if current is None:
@@ -320,6 +337,8 @@ class Server:
         if self.stopped.is_set():
             return
         self._stop.set()
+        if self.controllers is not None:
+            self.controllers.stop()
         self.api.stopping = True
         self.store.close()
         if self.https is not None:
@@ -333,11 +352,12 @@ class Server:
 
 
 def serve(config: Mapping[str, object], *, args: Sequence[str] = (), env: Mapping[str, str] | None = None,
-          log_stream: TextIO | None = None) -> ServerHandle:
+          log_stream: TextIO | None = None, on_lb_change: LbHook | None = None) -> ServerHandle:
     """Start `k3s server` with `config` as the content of its config file; returns once it serves.
 
     config uses K3s's config-file keys, e.g. {"data-dir": ..., "https-listen-port": 0, "node-ip": "127.0.0.1"}.
-    Port 0 picks a free port (the kubeconfig names the real one).
+    Port 0 picks a free port (the kubeconfig names the real one). `on_lb_change(ip, "namespace/name", present)`
+    is called when a LoadBalancer address is assigned (present=True) or released (False); see controllers.py.
     """
     env = os.environ if env is None else env
     raw = cfg.load("server", args, env, overrides=config)
@@ -345,7 +365,7 @@ def serve(config: Mapping[str, object], *, args: Sequence[str] = (), env: Mappin
     log = Log(log_stream, debug=settings.debug)
     if settings.token:
         log.add_secrets([settings.token, tokens.parse(settings.token).password])
-    return Server(settings, raw, log, env).start()
+    return Server(settings, raw, log, env, on_lb_change).start()
 
 
 def run(args: Sequence[str], env: Mapping[str, str] | None = None) -> int:
