@@ -36,6 +36,8 @@ class Run:
     ssh: Hosts | None = None
     # The cluster's API (homelab.clients.kube.Kube), opened by the first Kubernetes layer.
     kube: Any = None
+    # Facts read once per run and shared between layers (e.g. the Ceph fsid).
+    memo: dict[str, Any] = field(default_factory=dict)
 
     @property
     def proxmox(self) -> Proxmox:

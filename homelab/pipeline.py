@@ -23,6 +23,7 @@ from homelab.inventory import Inventory
 from homelab.wait import Progress
 
 ORDER = ("ceph", "sdn", "vms", "k3s", "network", "access", "monitoring", "apps")
+NETWORK = ("metallb", "traefik", "cert-manager", "ceph-csi")
 
 
 class Layer(Protocol):
@@ -47,14 +48,14 @@ class NotBuiltLayer:
 
 
 def layers() -> dict[str, Layer]:
-    from homelab.layers import ceph, k3s, sdn, vms
+    from homelab.layers import ceph, k3s, kubernetes, sdn, vms
 
     return {
         "ceph": ceph.CephLayer(),
         "sdn": sdn.SdnLayer(),
         "vms": vms.VmsLayer(),
         "k3s": k3s.K3sLayer(),
-        "network": NotBuiltLayer("network", "issue 5"),
+        "network": kubernetes.ManifestLayer("network", NETWORK, kubernetes.network_render),
         "access": NotBuiltLayer("access", "issue 6"),
         "monitoring": NotBuiltLayer("monitoring", "issue 6"),
         "apps": NotBuiltLayer("apps", "issue 6"),

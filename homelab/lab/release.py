@@ -270,8 +270,13 @@ def _package_part(package_dir: Path, version: str) -> bytes:
     """The stand-in package as a gzip member: its files, under `k3s_standin/`, plus VERSION; then the tar end."""
     sink = io.BytesIO()
     gz = _Gzip(sink)
+    from homelab.lab import chartcrds
+
     members = [*_tree(package_dir, PACKAGE + "/", skip=_not_packaged),
-               (f"{PACKAGE}/{VERSION_FILE}", version.encode(), 0o644)]
+               (f"{PACKAGE}/{VERSION_FILE}", version.encode(), 0o644),
+               # The CRDs the lab's chart doubles install, as the real charts would.
+               *((f"{PACKAGE}/{name}", data, 0o644) for name, data in chartcrds.chart_files().items())]
+    members += [(f"{PACKAGE}/charts", None, 0o755)]
     _write_members(gz, sorted(members, key=lambda m: m[0]))
     gz.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))  # end of archive
     gz.close()

@@ -8,7 +8,6 @@ with our labels that the manifests no longer declare are deleted. `down` deletes
 
 from __future__ import annotations
 
-import os
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -157,14 +156,19 @@ def _condition_check(k: Kube, obj: dict[str, Any], kind: str) -> Callable[[], st
     return lambda: _condition(k, obj, kind)
 
 
-def _deployment_ready(k: Kube, namespace: str, name: str) -> str | None:
-    dep = k.get({"apiVersion": "apps/v1", "kind": "Deployment", "metadata": {"name": name, "namespace": namespace}})
-    if dep is None:  # until the chart is installed
-        return f"no Deployment {namespace}/{name} yet"
-    status = dep.get("status") or {}
-    wanted = (dep.get("spec") or {}).get("replicas", 1)
-    available = status.get("availableReplicas", 0)
-    return None if available >= wanted else f"{available}/{wanted} available"
+def _deployment_ready(k: Kube, namespace: str, release: str) -> str | None:
+    """Every Deployment of the Helm release (charts label them app.kubernetes.io/instance) is available."""
+    found = [d for d in k.list("apps/v1", "Deployment", f"app.kubernetes.io/instance={release}")
+             if d["metadata"].get("namespace") == namespace]
+    if not found:  # until the chart is installed
+        return f"no Deployment of release {release} in {namespace} yet"
+    waiting = []
+    for dep in found:
+        wanted = (dep.get("spec") or {}).get("replicas", 1)
+        available = (dep.get("status") or {}).get("availableReplicas", 0)
+        if available < wanted:
+            waiting.append(f"{dep['metadata']['name']} {available}/{wanted} available")
+    return "; ".join(waiting) or None
 
 
 def _condition(k: Kube, obj: dict[str, Any], kind: str) -> str | None:
@@ -177,6 +181,11 @@ def _condition(k: Kube, obj: dict[str, Any], kind: str) -> str | None:
     return f"no {kind} condition yet"
 
 
-def environment_secrets() -> dict[str, str]:
-    """Secrets the manifests may carry, from the environment only (never from files in the repository)."""
-    return {k: v for k, v in os.environ.items() if k in ("CLOUDFLARE_API_TOKEN", "HOMELAB_CEPH_CSI_KEY") and v}
+def network_render(run: Run, component: str) -> Any:
+    """The network layer's manifests; secrets from the environment only, the Ceph fsid from PVE."""
+    from homelab import manifests
+
+    if "ceph_fsid" not in run.memo:
+        run.memo["ceph_fsid"] = run.proxmox.get("/cluster/ceph/status").get("fsid") or manifests.PLACEHOLDER_FSID
+    fsid = run.memo["ceph_fsid"]
+    return manifests.render(run.inv, component=component, secrets=manifests.secrets_from_env(), ceph_fsid=fsid)

@@ -121,7 +121,7 @@ def test_units_run_on_the_nodes(k3s: Result, ssh_config: Path) -> None:
     assert server.file("/etc/rancher/k3s/config.yaml").mode == 0o600
     assert config["cluster-cidr"] == "10.42.0.0/16" and config["service-cidr"] == "10.43.0.0/16"
     assert config["node-ip"] == "192.168.7.223" and "192.168.7.223" in config["tls-san"]
-    assert set(config["disable"]) == {"servicelb", "traefik"}
+    assert set(config["disable"]) == {"servicelb", "traefik", "local-storage"}
 
 
 def test_the_token_leaks_nowhere(k3s: Result, ssh_config: Path) -> None:

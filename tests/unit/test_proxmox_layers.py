@@ -287,7 +287,7 @@ def test_flaky_network_is_retried_or_reported_and_reruns_converge(cluster: Clust
         assert cluster.vm(vm.name).status == "running"
 
 
-@pytest.mark.parametrize("name", ["network", "access", "monitoring", "apps"])
+@pytest.mark.parametrize("name", ["access", "monitoring", "apps"])
 def test_unbuilt_layers_say_so(cluster: Cluster, name: str) -> None:
     run = cluster.run()
     outcome = pipeline.execute(run, "up", [name], dry_run=False)

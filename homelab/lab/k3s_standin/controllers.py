@@ -320,7 +320,7 @@ class Controllers:
         sets = spec.get("set")
         return apply_set(values, sets) if isinstance(sets, dict) else values
 
-    def _helm_install(self, chart_rt: ResourceType, chart: JSONObj) -> None:
+    def _helm_install(self, chart_rt: ResourceType, chart: JSONObj) -> None:  # noqa: PLR0915 - one install, step by step
         meta, spec = chart["metadata"], chart.get("spec") or {}
         name, namespace = meta["name"], meta["namespace"]
         if HELM_FINALIZER not in (meta.get("finalizers") or []):
@@ -347,6 +347,7 @@ class Controllers:
             self.create(ns_rt, {"metadata": {"name": target}}, "helm")
             target_missing = False
         if job is None:
+            self._chart_crds(str(spec.get("chart") or ""))
             job = self.create(job_rt, self._helm_job(chart, job_name, "install", target, config_hash),
                               "helm-controller")
             self.log.info(f"helm-controller: running {job_name} for HelmChart {namespace}/{name}")
@@ -435,6 +436,17 @@ class Controllers:
                 if spec["type"] in ("NodePort", "LoadBalancer") and node_ports.get(p["port"]):
                     p["nodePort"] = node_ports[p["port"]]
             self.update(svc_rt, current, new, "helm")
+
+    def _chart_crds(self, chart: str) -> None:
+        """Install the CRDs the chart ships (from the lab's chart index in the release), as helm does."""
+        index = Path(__file__).resolve().parent / "charts" / f"{chart.rsplit('/', 1)[-1]}.json"
+        if not index.is_file():
+            return
+        crd_rt = self.must_rt("apiextensions.k8s.io", "v1", "customresourcedefinitions")
+        for crd in json.loads(index.read_text(encoding="utf-8")):
+            if self.store.get(crd_rt.storage_key, "", crd["metadata"]["name"]) is None:
+                self.create(crd_rt, crd, "helm-controller")
+                self.log.info(f"helm-controller: chart {chart} installed CRD {crd['metadata']['name']}")
 
     def _helm_job(self, chart: JSONObj, job_name: str, action: str, target: str, config_hash: str) -> JSONObj:
         meta, spec = chart["metadata"], chart.get("spec") or {}

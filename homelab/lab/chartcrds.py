@@ -1,0 +1,96 @@
+"""The CRDs the lab's chart doubles bring, as the real charts do, built from ../shared/crd-schemas.
+
+A real chart installs its CRDs (MetalLB's metallb.io, cert-manager's cert-manager.io, ...). The
+stand-in's HelmChart controller does the same from `k3s_standin/charts/<chart>.json`, which the
+release build writes from this chart index and the CRDs catalog's schemas.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+
+# chart name -> the API groups whose CRDs that chart ships.
+CHARTS: dict[str, tuple[str, ...]] = {
+    "metallb": ("metallb.io",),
+    "traefik": ("traefik.io",),
+    "cert-manager": ("cert-manager.io",),
+    "kube-prometheus-stack": ("monitoring.coreos.com",),
+    "argo-cd": ("argoproj.io",),
+    "tailscale-operator": ("tailscale.com",),
+}
+# lowercase kind in the catalog's file names -> (Kind, plural, namespaced)
+KINDS: dict[str, tuple[str, str, bool]] = {
+    "ipaddresspool": ("IPAddressPool", "ipaddresspools", True),
+    "l2advertisement": ("L2Advertisement", "l2advertisements", True),
+    "certificate": ("Certificate", "certificates", True),
+    "issuer": ("Issuer", "issuers", True),
+    "clusterissuer": ("ClusterIssuer", "clusterissuers", False),
+    "ingressroute": ("IngressRoute", "ingressroutes", True),
+    "middleware": ("Middleware", "middlewares", True),
+    "tlsoption": ("TLSOption", "tlsoptions", True),
+    "tlsstore": ("TLSStore", "tlsstores", True),
+    "servicemonitor": ("ServiceMonitor", "servicemonitors", True),
+    "podmonitor": ("PodMonitor", "podmonitors", True),
+    "prometheusrule": ("PrometheusRule", "prometheusrules", True),
+    "connector": ("Connector", "connectors", False),
+    "dnsconfig": ("DNSConfig", "dnsconfigs", False),
+    "proxyclass": ("ProxyClass", "proxyclasses", False),
+    "application": ("Application", "applications", True),
+    "applicationset": ("ApplicationSet", "applicationsets", True),
+    "appproject": ("AppProject", "appprojects", True),
+}
+
+
+def shared_dir() -> Path:
+    return Path(os.environ.get("HOMELAB_SHARED") or REPO.parent / "shared")
+
+
+def _structural(schema: Any) -> Any:
+    """The catalog closes objects with additionalProperties: false, which a CRD schema may not say."""
+    if isinstance(schema, dict):
+        return {k: _structural(v) for k, v in schema.items()
+                if not (k == "additionalProperties" and v is False)}
+    if isinstance(schema, list):
+        return [_structural(v) for v in schema]
+    return schema
+
+
+def crds_for(chart: str, schemas: Path | None = None) -> list[dict[str, Any]]:
+    """The CustomResourceDefinitions the chart brings (empty for a chart with none, or no catalog)."""
+    root = (schemas or shared_dir() / "crd-schemas")
+    out = []
+    for group in CHARTS.get(chart, ()):
+        versions: dict[str, list[tuple[str, dict[str, Any]]]] = {}
+        for path in sorted((root / group).glob("*_*.json")):
+            lower, version = path.stem.rsplit("_", 1)
+            if lower in KINDS:
+                versions.setdefault(lower, []).append((version, json.loads(path.read_text(encoding="utf-8"))))
+        for lower, found in sorted(versions.items()):
+            kind, plural, namespaced = KINDS[lower]
+            spec_versions = []
+            for i, (version, schema) in enumerate(found):
+                entry: dict[str, Any] = {"name": version, "served": True, "storage": i == len(found) - 1,
+                                         "schema": {"openAPIV3Schema": _structural(schema)}}
+                if "status" in schema.get("properties", {}):
+                    entry["subresources"] = {"status": {}}
+                spec_versions.append(entry)
+            out.append({
+                "apiVersion": "apiextensions.k8s.io/v1", "kind": "CustomResourceDefinition",
+                "metadata": {"name": f"{plural}.{group}",
+                             "labels": {"app.kubernetes.io/managed-by": "Helm", "homelab.jigga.xyz/lab-chart": chart}},
+                "spec": {"group": group, "scope": "Namespaced" if namespaced else "Cluster",
+                         "names": {"kind": kind, "plural": plural, "singular": lower, "listKind": f"{kind}List"},
+                         "versions": spec_versions},
+            })
+    return out
+
+
+def chart_files(schemas: Path | None = None) -> dict[str, bytes]:
+    """`charts/<chart>.json` members for the stand-in's package: the CRDs each chart double installs."""
+    return {f"charts/{chart}.json": json.dumps(crds_for(chart, schemas), sort_keys=True).encode()
+            for chart in sorted(CHARTS)}

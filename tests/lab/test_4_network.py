@@ -1,0 +1,95 @@
+"""The network layer on the lab: MetalLB, Traefik at 192.168.7.230, cert-manager, Ceph CSI, applied server-side."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+from collections.abc import Iterator
+
+import pytest
+
+from homelab.lab import layout
+
+from .conftest import INV, Lab, Result, invoke
+from .test_3_k3s import in_lab
+
+TO_NETWORK = ("--to", "network")
+
+STATE = """
+import base64, json
+from cryptography import x509
+from kubernetes import client, config
+config.load_kube_config(context="homelab")
+core = client.CoreV1Api()
+out = {}
+try:
+    svc = core.read_namespaced_service("traefik", "kube-system")
+    out["traefik"] = {"type": svc.spec.type, "ips": [i.ip for i in (svc.status.load_balancer.ingress or [])]}
+except client.ApiException as exc:
+    out["traefik"] = {"status": exc.status}
+certs = {}
+for name in ("wildcard-jigga-xyz-tls", "wildcard-int-jigga-xyz-tls"):
+    try:
+        secret = core.read_namespaced_secret(name, "kube-system")
+    except client.ApiException:
+        continue
+    cert = x509.load_pem_x509_certificate(base64.b64decode(secret.data["tls.crt"]))
+    sans = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)
+    certs[name] = {"sans": sans, "issuer": cert.issuer.rfc4514_string(),
+                   "annotation": (secret.metadata.annotations or {}).get("cert-manager.io/issuer-name")}
+out["certs"] = certs
+print(json.dumps(out))
+"""
+
+
+def answers(address: str, port: int) -> bool:
+    """A TCP connection from inside the lab's namespace (the only place the address exists)."""
+    done = subprocess.run(["ip", "netns", "exec", layout.NETNS, "nc", "-z", "-w", "3", address, str(port)],
+                          capture_output=True, check=False, timeout=30)
+    return done.returncode == 0
+
+
+@pytest.fixture(scope="module")
+def network(built: Lab) -> Iterator[Result]:
+    result = invoke("up", *TO_NETWORK, timeout=900)
+    assert result.code == 0, result.text
+    built.timings["network cold"] = result.seconds
+    yield result
+
+
+def test_traefik_takes_the_inventorys_address_from_metallb(network: Result) -> None:
+    state = in_lab(STATE)
+    assert state["traefik"] == {"type": "LoadBalancer", "ips": [str(INV.network.traefik)]}
+    # The address answers on the lab bridge (announced by the node, as MetalLB's L2 mode does).
+    assert answers(str(INV.network.traefik), 22)
+
+
+def test_wildcard_certificates_from_the_chosen_issuer(network: Result) -> None:
+    certs = in_lab(STATE)["certs"]
+    public = certs["wildcard-jigga-xyz-tls"]
+    internal = certs["wildcard-int-jigga-xyz-tls"]
+    assert set(public["sans"]) == {"jigga.xyz", "*.jigga.xyz"}
+    assert set(internal["sans"]) == {"int.jigga.xyz", "*.int.jigga.xyz"}
+    for cert in (public, internal):
+        assert cert["annotation"] == "letsencrypt-production"
+        assert "STAGING" not in cert["issuer"]
+
+
+def test_a_second_run_changes_nothing(network: Result) -> None:
+    plan = invoke("plan", *TO_NETWORK, "--json")
+    assert plan.code == 0, plan.text
+    changes = json.loads(plan.out)
+    assert [c for c in changes if c["action"] != "noop"] == []
+    assert {c["name"] for c in changes if c["layer"] == "network"} >= {"kube-system/traefik", "metallb-system/homelab"}
+
+
+def test_down_removes_what_the_layer_made(network: Result) -> None:
+    refused = invoke("down", "--only", "network")
+    assert refused.code == 1
+    down = invoke("down", "--only", "network", "--yes")
+    assert down.code == 0, down.text
+    state = in_lab(STATE)
+    assert state["traefik"] == {"status": 404}
+    assert not answers(str(INV.network.traefik), 22)
+    plan = invoke("plan", "--only", "network", "--json")
+    assert {c["action"] for c in json.loads(plan.out)} == {"create"}
