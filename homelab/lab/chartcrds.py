@@ -23,6 +23,10 @@ CHARTS: dict[str, tuple[str, ...]] = {
     "argo-cd": ("argoproj.io",),
     "tailscale-operator": ("tailscale.com",),
 }
+# chart name -> the CSI drivers it registers (a CSIDriver object per provisioner).
+CSI_DRIVERS: dict[str, tuple[str, ...]] = {
+    "ceph-csi-rbd": ("rbd.csi.ceph.com",),
+}
 # lowercase kind in the catalog's file names -> (Kind, plural, namespaced)
 KINDS: dict[str, tuple[str, str, bool]] = {
     "ipaddresspool": ("IPAddressPool", "ipaddresspools", True),
@@ -90,7 +94,16 @@ def crds_for(chart: str, schemas: Path | None = None) -> list[dict[str, Any]]:
     return out
 
 
+def csidrivers_for(chart: str) -> list[dict[str, Any]]:
+    return [{"apiVersion": "storage.k8s.io/v1", "kind": "CSIDriver",
+             "metadata": {"name": name, "labels": {"app.kubernetes.io/managed-by": "Helm",
+                                                   "homelab.jigga.xyz/lab-chart": chart}},
+             "spec": {"attachRequired": True, "podInfoOnMount": False}} for name in CSI_DRIVERS.get(chart, ())]
+
+
 def chart_files(schemas: Path | None = None) -> dict[str, bytes]:
-    """`charts/<chart>.json` members for the stand-in's package: the CRDs each chart double installs."""
-    return {f"charts/{chart}.json": json.dumps(crds_for(chart, schemas), sort_keys=True).encode()
-            for chart in sorted(CHARTS)}
+    """`charts/<chart>.json` members for the stand-in's package: the cluster-scoped objects (CRDs, CSI
+    drivers) each chart double installs, as its real chart does."""
+    return {f"charts/{chart}.json": json.dumps(crds_for(chart, schemas) + csidrivers_for(chart),
+                                               sort_keys=True).encode()
+            for chart in sorted(set(CHARTS) | set(CSI_DRIVERS))}

@@ -75,6 +75,34 @@ def test_wildcard_certificates_from_the_chosen_issuer(network: Result) -> None:
         assert "STAGING" not in cert["issuer"]
 
 
+PVC = """
+import json, time
+from kubernetes import client, config
+config.load_kube_config(context="homelab")
+core = client.CoreV1Api()
+body = {"apiVersion": "v1", "kind": "PersistentVolumeClaim", "metadata": {"name": "lab-test-claim"},
+        "spec": {"accessModes": ["ReadWriteOnce"], "resources": {"requests": {"storage": "1Gi"}}}}
+core.create_namespaced_persistent_volume_claim("default", body)
+deadline = time.monotonic() + 60
+phase, pvc = None, None
+while time.monotonic() < deadline:
+    pvc = core.read_namespaced_persistent_volume_claim("lab-test-claim", "default")
+    phase = pvc.status.phase
+    if phase == "Bound":
+        break
+    time.sleep(0.5)  # a poll with the deadline above
+classes = [c.metadata.name for c in client.StorageV1Api().list_storage_class().items
+           if (c.metadata.annotations or {}).get("storageclass.kubernetes.io/is-default-class") == "true"]
+core.delete_namespaced_persistent_volume_claim("lab-test-claim", "default")
+print(json.dumps({"phase": phase, "class": pvc.spec.storage_class_name, "defaults": classes}))
+"""
+
+
+def test_a_claim_binds_on_the_default_ceph_class(network: Result) -> None:
+    result = in_lab(PVC)
+    assert result == {"phase": "Bound", "class": "ceph-rbd", "defaults": ["ceph-rbd"]}
+
+
 def test_a_second_run_changes_nothing(network: Result) -> None:
     plan = invoke("plan", *TO_NETWORK, "--json")
     assert plan.code == 0, plan.text

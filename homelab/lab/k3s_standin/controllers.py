@@ -438,15 +438,18 @@ class Controllers:
             self.update(svc_rt, current, new, "helm")
 
     def _chart_crds(self, chart: str) -> None:
-        """Install the CRDs the chart ships (from the lab's chart index in the release), as helm does."""
+        """Install the cluster-scoped objects the chart ships (CRDs, CSI drivers), from the lab's chart
+        index in the release, as helm does."""
         index = Path(__file__).resolve().parent / "charts" / f"{chart.rsplit('/', 1)[-1]}.json"
         if not index.is_file():
             return
-        crd_rt = self.must_rt("apiextensions.k8s.io", "v1", "customresourcedefinitions")
-        for crd in json.loads(index.read_text(encoding="utf-8")):
-            if self.store.get(crd_rt.storage_key, "", crd["metadata"]["name"]) is None:
-                self.create(crd_rt, crd, "helm-controller")
-                self.log.info(f"helm-controller: chart {chart} installed CRD {crd['metadata']['name']}")
+        kinds = {"CustomResourceDefinition": ("apiextensions.k8s.io", "v1", "customresourcedefinitions"),
+                 "CSIDriver": ("storage.k8s.io", "v1", "csidrivers")}
+        for obj in json.loads(index.read_text(encoding="utf-8")):
+            rt = self.must_rt(*kinds[obj["kind"]])
+            if self.store.get(rt.storage_key, "", obj["metadata"]["name"]) is None:
+                self.create(rt, obj, "helm-controller")
+                self.log.info(f"helm-controller: chart {chart} installed {obj['kind']} {obj['metadata']['name']}")
 
     def _helm_job(self, chart: JSONObj, job_name: str, action: str, target: str, config_hash: str) -> JSONObj:
         meta, spec = chart["metadata"], chart.get("spec") or {}
