@@ -103,6 +103,8 @@ class Network(Model):
     cluster_dns: IPv4Address
     metallb_pool: Annotated[list[str], Field(min_length=1)]
     traefik: IPv4Address
+    # The ClusterIssuer the wildcard certificates come from (staging while trying things out).
+    cert_issuer: Literal["letsencrypt-production", "letsencrypt-staging"] = "letsencrypt-production"
 
     @field_validator("metallb_pool")
     @classmethod

@@ -27,6 +27,19 @@ CHARTS: dict[str, tuple[str, ...]] = {
 CSI_DRIVERS: dict[str, tuple[str, ...]] = {
     "ceph-csi-rbd": ("rbd.csi.ceph.com",),
 }
+# chart name -> how its real chart behaves as an ingress controller (the stand-in's ingress double reads this
+# from `charts/ingress.json`): the Service port names for HTTP and HTTPS, the values path that turns on the
+# HTTP -> HTTPS redirect (with `permanent` beside it), and the CR holding the default certificate.
+INGRESS_CONTROLLERS: dict[str, dict[str, Any]] = {
+    "traefik": {
+        "http_port_name": "web", "http_port": 80, "https_port_name": "websecure", "https_port": 443,
+        "redirect_values": "ports.web.redirections.entryPoint.scheme",
+        "tls_store": {"group": "traefik.io", "version": "v1alpha1", "plural": "tlsstores", "kind": "TLSStore",
+                      "name": "default"},
+        "ingress_class": "traefik",
+        "default_cert_cn": "TRAEFIK DEFAULT CERT",
+    },
+}
 # lowercase kind in the catalog's file names -> (Kind, plural, namespaced)
 KINDS: dict[str, tuple[str, str, bool]] = {
     "ipaddresspool": ("IPAddressPool", "ipaddresspools", True),
@@ -104,6 +117,13 @@ def csidrivers_for(chart: str) -> list[dict[str, Any]]:
 def chart_files(schemas: Path | None = None) -> dict[str, bytes]:
     """`charts/<chart>.json` members for the stand-in's package: the cluster-scoped objects (CRDs, CSI
     drivers) each chart double installs, as its real chart does."""
-    return {f"charts/{chart}.json": json.dumps(crds_for(chart, schemas) + csidrivers_for(chart),
-                                               sort_keys=True).encode()
-            for chart in sorted(set(CHARTS) | set(CSI_DRIVERS))}
+    out = {f"charts/{chart}.json": json.dumps(crds_for(chart, schemas) + csidrivers_for(chart),
+                                              sort_keys=True).encode()
+           for chart in sorted(set(CHARTS) | set(CSI_DRIVERS))}
+    out["charts/ingress.json"] = ingress_index()
+    return out
+
+
+def ingress_index() -> bytes:
+    """`charts/ingress.json`: {chart: ingress-controller traits} (see INGRESS_CONTROLLERS)."""
+    return json.dumps(INGRESS_CONTROLLERS, sort_keys=True).encode()

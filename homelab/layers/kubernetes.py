@@ -188,4 +188,5 @@ def network_render(run: Run, component: str) -> Any:
     if "ceph_fsid" not in run.memo:
         run.memo["ceph_fsid"] = run.proxmox.get("/cluster/ceph/status").get("fsid") or manifests.PLACEHOLDER_FSID
     fsid = run.memo["ceph_fsid"]
-    return manifests.render(run.inv, component=component, secrets=manifests.secrets_from_env(), ceph_fsid=fsid)
+    return manifests.render(run.inv, component=component, secrets=manifests.secrets_from_env(), ceph_fsid=fsid,
+                            issuer=run.inv.network.cert_issuer)

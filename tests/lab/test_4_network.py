@@ -103,6 +103,56 @@ def test_a_claim_binds_on_the_default_ceph_class(network: Result) -> None:
     assert result == {"phase": "Bound", "class": "ceph-rbd", "defaults": ["ceph-rbd"]}
 
 
+HTTPS = """
+import http.client, json, socket, ssl, time, urllib.request
+from kubernetes import client, config
+config.load_kube_config(context="homelab")
+api = client.ApiClient()
+net = client.NetworkingV1Api(api)
+# The int wildcard is served for names an Ingress routes (as Traefik picks certificates from Ingress TLS).
+ingress = {"apiVersion": "networking.k8s.io/v1", "kind": "Ingress",
+           "metadata": {"name": "lab-test", "namespace": "kube-system"},
+           "spec": {"tls": [{"hosts": ["test.int.jigga.xyz"], "secretName": "wildcard-int-jigga-xyz-tls"}],
+                    "rules": [{"host": "test.int.jigga.xyz", "http": {"paths": [{"path": "/", "pathType": "Prefix",
+                        "backend": {"service": {"name": "traefik", "port": {"number": 443}}}}]}}]}}
+net.create_namespaced_ingress("kube-system", ingress)
+cfg = api.configuration
+roots = json.loads(urllib.request.urlopen(cfg.host + "/standin/acme-roots",
+                   context=ssl.create_default_context(cafile=cfg.ssl_ca_cert)).read())
+ctx = ssl.create_default_context(cadata="".join(roots.values()))
+out = {}
+deadline = time.monotonic() + 30
+for host in ("test.jigga.xyz", "test.int.jigga.xyz"):
+    while True:
+        try:
+            with socket.create_connection(("192.168.7.230", 443), timeout=5) as raw:
+                with ctx.wrap_socket(raw, server_hostname=host) as tls:
+                    cert = tls.getpeercert()
+            out[host] = {"verified": True, "issuer": dict(x[0] for x in cert["issuer"])["commonName"]}
+            break
+        except (OSError, ssl.SSLError) as exc:
+            if time.monotonic() > deadline:
+                out[host] = {"verified": False, "error": str(exc)}
+                break
+            time.sleep(0.5)  # a poll with the deadline above
+conn = http.client.HTTPConnection("192.168.7.230", 80, timeout=5)
+conn.request("GET", "/some/path", headers={"Host": "test.jigga.xyz"})
+response = conn.getresponse()
+out["http"] = {"status": response.status, "location": response.getheader("Location")}
+net.delete_namespaced_ingress("lab-test", "kube-system")
+print(json.dumps(out))
+"""
+
+
+def test_the_loadbalancer_answers_https_for_each_domain_and_redirects_http(network: Result) -> None:
+    result = in_lab(HTTPS)
+    for host in ("test.jigga.xyz", "test.int.jigga.xyz"):
+        assert result[host]["verified"], result[host]
+        assert "STAGING" not in result[host]["issuer"]
+    assert result["http"]["status"] in (301, 308)
+    assert result["http"]["location"] == "https://test.jigga.xyz/some/path"
+
+
 def test_a_second_run_changes_nothing(network: Result) -> None:
     plan = invoke("plan", *TO_NETWORK, "--json")
     assert plan.code == 0, plan.text

@@ -365,3 +365,18 @@ def test_cli_fails_on_a_bad_extra_manifest(tmp_path: Path, document: dict[str, A
     problems = [line for line in done.stdout.splitlines() if expected in line]
     assert len(problems) == 1, done.stdout
     assert done.stdout.strip().splitlines()[-1].endswith(" 1 problem")
+
+
+def test_the_inventory_chooses_the_issuer() -> None:
+    import yaml as _yaml
+
+    from homelab import inventory as _inventory
+    from homelab import manifests as _manifests
+
+    data = _yaml.safe_load(_inventory.DEFAULT_PATH.read_text(encoding="utf-8"))
+    assert _inventory.load().network.cert_issuer == "letsencrypt-production"
+    data["network"]["cert_issuer"] = "letsencrypt-staging"
+    staging = _inventory.parse(_yaml.safe_dump(data), "staging.yaml")
+    result = _manifests.render(staging, component="cert-manager", issuer=staging.network.cert_issuer)
+    certs = [o for o in result.objects if o["kind"] == "Certificate"]
+    assert certs and {c["spec"]["issuerRef"]["name"] for c in certs} == {"letsencrypt-staging"}

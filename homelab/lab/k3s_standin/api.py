@@ -853,6 +853,14 @@ class Api:
             obj["status"] = {"phase": "Pending", "qosClass": _qos_class(obj)}
         elif key in ("/persistentvolumeclaims", "/persistentvolumes"):
             obj["status"] = {"phase": "Pending"}
+            spec = obj.setdefault("spec", {})
+            if key == "/persistentvolumeclaims" and "storageClassName" not in spec:
+                # The DefaultStorageClass admission plugin: a claim without a class gets the default one.
+                default = [sc["metadata"]["name"] for sc in self.store.list_objects("storage.k8s.io/storageclasses")
+                           if (sc["metadata"].get("annotations") or {}).get(
+                               "storageclass.kubernetes.io/is-default-class") == "true"]
+                if default:
+                    spec["storageClassName"] = sorted(default)[0]
         elif key == "/services":
             self._allocate_service(obj, None)
             obj["status"] = {"loadBalancer": {}}

@@ -7,6 +7,7 @@ The thread wakes on every store change (and resyncs every RESYNC seconds) and re
 - lb: LoadBalancer IPAM after MetalLB, from metallb.io/v1beta1 IPAddressPools (only while that CRD exists).
 - certs: cert-manager.io/v1 Certificates issued by a per-issuer CA of the stand-in (see certs.py).
 - volumes: PersistentVolumeClaims provisioned when their StorageClass's provisioner has a CSIDriver object.
+- ingress: an ingress controller double on the LoadBalancer addresses this node announces (see ingress.py).
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ import yaml
 
 from .api import Api, ApiError, WriteOptions, rfc3339
 from .certs import CertificateController
+from .ingress import IngressBind, IngressController, charts_dir, load_index
 from .log import Log
 from .resources import ResourceType
 
@@ -172,13 +174,14 @@ class LinkAnnouncer:
 # ------------------------------------------------------------------------------------- the runner
 class Controllers:
     def __init__(self, api: Api, data_dir: Path, log: Log, env: Mapping[str, str],
-                 on_lb_change: LbHook | None = None) -> None:
+                 on_lb_change: LbHook | None = None, ingress_bind: IngressBind | None = None) -> None:
         self.api, self.store, self.registry, self.log = api, api.store, api.registry, log
         self.env = env
         self.on_lb_change: LbHook = on_lb_change or (lambda _ip, _svc, _present: None)
         self.announcer = LinkAnnouncer(env, log)
         self.announced: dict[str, str] = {}  # ip -> namespace/name
         self.certs = CertificateController(self, data_dir / "server" / "tls" / "standin-acme")
+        self.ingress = IngressController(self, data_dir, env, ingress_bind)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._errors: dict[str, str] = {}
@@ -195,6 +198,7 @@ class Controllers:
             self.store.changed.notify_all()
         if self._thread is not None:
             self._thread.join(timeout=10)
+        self.ingress.stop()
         for ip, svc in sorted(self.announced.items()):
             self._announce(ip, svc, False)
         self.announced.clear()
@@ -218,7 +222,8 @@ class Controllers:
 
     def reconcile(self) -> None:
         for name, step in (("helm", self.reconcile_helm), ("lb", self.reconcile_lb),
-                           ("certificates", self.certs.reconcile), ("volumes", self.reconcile_volumes)):
+                           ("certificates", self.certs.reconcile), ("volumes", self.reconcile_volumes),
+                           ("ingress", self.ingress.reconcile)):
             try:
                 step()
                 self._errors.pop(name, None)
@@ -409,8 +414,13 @@ class Controllers:
         extra = service.get("annotations") if isinstance(service.get("annotations"), dict) else {}
         assert isinstance(extra, dict)
         port = service.get("port") if isinstance(service.get("port"), int) else 80
-        spec: JSONObj = {"type": str(kind), "selector": selector,
-                         "ports": [{"name": "http", "port": port, "targetPort": port, "protocol": "TCP"}]}
+        ports = [{"name": "http", "port": port, "targetPort": port, "protocol": "TCP"}]
+        ingress = load_index(self.env).get(_chart_name(chart.get("spec") or {}))
+        if ingress is not None:  # an ingress controller's chart exposes its HTTP and HTTPS entry points
+            ports = [{"name": str(ingress.get(f"{kind_}_port_name") or name_), "port": int(ingress.get(
+                f"{kind_}_port") or number), "targetPort": str(ingress.get(f"{kind_}_port_name") or name_),
+                "protocol": "TCP"} for kind_, name_, number in (("http", "web", 80), ("https", "websecure", 443))]
+        spec: JSONObj = {"type": str(kind), "selector": selector, "ports": ports}
         managed = ("loadBalancerIP", "externalTrafficPolicy", "loadBalancerClass", "loadBalancerSourceRanges")
         for key in managed:
             value = svc_spec.get(key) if key in svc_spec else service.get(key)
@@ -440,12 +450,15 @@ class Controllers:
     def _chart_crds(self, chart: str) -> None:
         """Install the cluster-scoped objects the chart ships (CRDs, CSI drivers), from the lab's chart
         index in the release, as helm does."""
-        index = Path(__file__).resolve().parent / "charts" / f"{chart.rsplit('/', 1)[-1]}.json"
+        index = charts_dir(self.env) / f"{chart.rsplit('/', 1)[-1]}.json"
         if not index.is_file():
+            return
+        objects = json.loads(index.read_text(encoding="utf-8"))
+        if not isinstance(objects, list):  # charts/ingress.json is the ingress-controller index, not a chart
             return
         kinds = {"CustomResourceDefinition": ("apiextensions.k8s.io", "v1", "customresourcedefinitions"),
                  "CSIDriver": ("storage.k8s.io", "v1", "csidrivers")}
-        for obj in json.loads(index.read_text(encoding="utf-8")):
+        for obj in objects:
             rt = self.must_rt(*kinds[obj["kind"]])
             if self.store.get(rt.storage_key, "", obj["metadata"]["name"]) is None:
                 self.create(rt, obj, "helm-controller")

@@ -22,6 +22,7 @@ from . import pki, systemd, tokens
 from .api import Api, ApiError, ClusterInfo, Request, Response, WriteOptions, parse_rfc3339, rfc3339
 from .controllers import Controllers, LbHook
 from .helmcrds import helm_crds
+from .ingress import IngressBind
 from .kubelet import Kubelet, NodeParams, heartbeat_interval, node_grace
 from .log import Log
 from .resources import Registry
@@ -72,15 +73,21 @@ class ServerHandle:
     def stop(self) -> None:
         self._server.stop()
 
+    def ingress_port(self, ip: str, port: int) -> int | None:
+        """The port the ingress double listens on for LoadBalancer `ip`:`port` (None: not listening)."""
+        controllers = self._server.controllers
+        return controllers.ingress.bound.get((ip, port)) if controllers is not None else None
+
     def wait(self) -> None:
         self._server.stopped.wait()
 
 
 class Server:
     def __init__(self, settings: cfg.ServerSettings, raw: cfg.RawConfig, log: Log, env: Mapping[str, str],
-                 on_lb_change: LbHook | None = None) -> None:
+                 on_lb_change: LbHook | None = None, ingress_bind: IngressBind | None = None) -> None:
         self.s, self.raw, self.log, self.env = settings, raw, log, env
         self.on_lb_change = on_lb_change
+        self.ingress_bind = ingress_bind
         self.controllers: Controllers | None = None
         self.version = read_version()
         self.grace = node_grace(env)
@@ -150,7 +157,7 @@ class Server:
             thread = threading.Thread(target=target, name=f"k3s-standin-{name}", daemon=True)
             thread.start()
             self._threads.append(thread)
-        self.controllers = Controllers(self.api, s.data_dir, log, self.env, self.on_lb_change)
+        self.controllers = Controllers(self.api, s.data_dir, log, self.env, self.on_lb_change, self.ingress_bind)
         self.controllers.start()
         systemd.notify("READY=1")
         log.info("k3s is up and running")
@@ -352,12 +359,15 @@ class Server:
 
 
 def serve(config: Mapping[str, object], *, args: Sequence[str] = (), env: Mapping[str, str] | None = None,
-          log_stream: TextIO | None = None, on_lb_change: LbHook | None = None) -> ServerHandle:
+          log_stream: TextIO | None = None, on_lb_change: LbHook | None = None,
+          ingress_bind: IngressBind | None = None) -> ServerHandle:
     """Start `k3s server` with `config` as the content of its config file; returns once it serves.
 
     config uses K3s's config-file keys, e.g. {"data-dir": ..., "https-listen-port": 0, "node-ip": "127.0.0.1"}.
     Port 0 picks a free port (the kubeconfig names the real one). `on_lb_change(ip, "namespace/name", present)`
     is called when a LoadBalancer address is assigned (present=True) or released (False); see controllers.py.
+    `ingress_bind(ip, port) -> (host, port)` turns the ingress double on without the announcer and says where
+    it listens (tests: 127.0.0.x, port 0; `ServerHandle.ingress_port` tells the port); see ingress.py.
     """
     env = os.environ if env is None else env
     raw = cfg.load("server", args, env, overrides=config)
@@ -365,7 +375,7 @@ def serve(config: Mapping[str, object], *, args: Sequence[str] = (), env: Mappin
     log = Log(log_stream, debug=settings.debug)
     if settings.token:
         log.add_secrets([settings.token, tokens.parse(settings.token).password])
-    return Server(settings, raw, log, env, on_lb_change).start()
+    return Server(settings, raw, log, env, on_lb_change, ingress_bind).start()
 
 
 def run(args: Sequence[str], env: Mapping[str, str] | None = None) -> int:
