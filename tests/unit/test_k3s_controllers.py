@@ -6,9 +6,8 @@ from __future__ import annotations
 import base64
 import json
 import ssl
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
 import pytest
@@ -19,23 +18,9 @@ from kubernetes.client.exceptions import ApiException
 
 from homelab.lab.k3s_standin import ServerHandle, serve
 
+from .polling import wait_for
+
 LbCalls = list[tuple[str, str, bool]]
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 6.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = check()
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 def crd(group: str, version: str, plural: str, kind: str, namespaced: bool = True) -> dict[str, Any]:

@@ -7,19 +7,18 @@ import http.client
 import json
 import socket
 import ssl
-import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 from cryptography import x509
 from kubernetes import client, config
-from kubernetes.client.exceptions import ApiException
 
 from homelab.lab import chartcrds
 from homelab.lab.k3s_standin import ServerHandle, serve
+
+from .polling import wait_for
 
 LB_IP = "127.0.0.77"
 HOSTS = ("app.int.jigga.xyz", "www.jigga.xyz")  # one test host under each domain
@@ -35,22 +34,6 @@ ports:
         scheme: https
         permanent: true
 """
-
-
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 8.0) -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        try:
-            value = check()
-        except ApiException as exc:
-            if exc.status != 404:
-                raise
-            value = None
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-        time.sleep(0.05)
 
 
 @pytest.fixture(scope="module")
