@@ -139,7 +139,8 @@ def execute(run: Run, verb: str, names: list[str], *, dry_run: bool, show: bool 
                 row.changed = len(lp.pending)
         except NotBuilt as exc:
             row.status, row.detail = "not built", exc.message
-            stopped = True
+            # Going up, later layers depend on this one; going down, a layer never built made nothing.
+            stopped = verb != "down"
         except HomelabError as exc:
             row.status, row.failed = "failed", 1
             where = f"{current.kind} {current.name}" if current else "reading the actual state"
@@ -192,7 +193,7 @@ def run_task(verb: str, inv: Inventory, target_name: str, names: list[str], *, d
         return 1
     if outcome.failed:
         return 1
-    if outcome.incomplete:
+    if outcome.incomplete and verb != "down":
         print("stopped: a layer is not built yet; the layers before it are done", file=sys.stderr)
         return 3
     return 0

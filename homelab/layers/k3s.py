@@ -26,7 +26,7 @@ import jinja2
 import requests
 import yaml
 
-from homelab.clients.ssh import Hosts
+from homelab.clients.ssh import Hosts, SshUnreachable
 from homelab.context import Run
 from homelab.errors import ConfigError, HomelabError, Timeout
 from homelab.inventory import Inventory, Vm
@@ -211,12 +211,19 @@ class K3sLayer:
             run.ssh = Hosts(run.inv.k3s.user, target.ssh_private_key, target.known_hosts)
         return run.ssh
 
-    def gather(self, run: Run, vms: Sequence[Vm]) -> dict[str, NodeFacts]:
+    def gather(self, run: Run, vms: Sequence[Vm], wait: bool = True) -> dict[str, NodeFacts]:
+        """Facts of each node; with wait=False a node that does not take SSH is left out."""
         hosts = self._hosts(run)
         script = (FILES / "facts.py").read_bytes()
         out = {}
         for vm in vms:
-            hosts.wait(str(vm.address), run.timeouts.ssh, run.progress)
+            if wait:
+                hosts.wait(str(vm.address), run.timeouts.ssh, run.progress)
+            else:
+                try:
+                    hosts.connect(str(vm.address))
+                except SshUnreachable:
+                    continue
             wanted = {"packages": PACKAGES, "modules": MODULES, "sysctl": list(SYSCTLS), "timesync": TIMESYNC,
                       "files": [BINARY, CONFIG, TOKEN, unit_path(vm), MODULES_FILE, SYSCTL_FILE],
                       "units": [unit_name(vm)], "binary": BINARY}
@@ -392,8 +399,11 @@ class K3sLayer:
         plan = LayerPlan(LAYER)
         hosts = self._hosts(run)
         vms = list(reversed(run.inv.k3s.vms))
-        facts = self.gather(run, vms)
+        facts = self.gather(run, vms, wait=False)
         for vm in vms:
+            if vm.name not in facts:
+                plan.add(Change(LAYER, "node", vm.name, "noop", "does not take SSH (no VM?): nothing to uninstall"))
+                continue
             f, address = facts[vm.name], str(vm.address)
             present = [p for p in (BINARY, CONFIG, TOKEN, unit_path(vm)) if f.file(p)]
             if not present and f.unit.get("active") != "active":

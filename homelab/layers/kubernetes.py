@@ -110,6 +110,9 @@ class ManifestLayer:
 
     def plan_down(self, run: Run) -> LayerPlan:
         plan = LayerPlan(self.name)
+        if not kubeconfig_path(run).exists():
+            plan.add(Change(self.name, "cluster", "-", "noop", "no kubeconfig: no cluster to remove anything from"))
+            return plan
         desired = self._desired(run, plan)
         kinds = list(dict.fromkeys((obj["apiVersion"], obj["kind"]) for _, obj in desired))
         actual = self._actual(run, kinds)

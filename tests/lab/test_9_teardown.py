@@ -9,6 +9,17 @@ from homelab.lab import control, layout, netns
 from .conftest import Lab, invoke
 
 
+def test_down_removes_the_homelab_and_a_second_down_changes_nothing(built: Lab) -> None:
+    down = invoke("down", "--yes")
+    assert down.code == 0, down.text
+    assert "vm ichigo: destroy VM 201" in down.text and "pool kubernetes: destroy" in down.text
+    status = control.status()
+    assert status.vms == [] or not any(vm["running"] for vm in status.vms)
+    again = invoke("down", "--yes")
+    assert again.code == 0, again.text
+    assert "to delete" not in again.text.replace("0 to delete", "")
+
+
 def test_lab_down_leaves_nothing_behind(built: Lab) -> None:
     down = invoke("lab.down")
     assert down.code == 0, down.text

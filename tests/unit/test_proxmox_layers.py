@@ -293,3 +293,11 @@ def test_unbuilt_layers_say_so(cluster: Cluster, name: str) -> None:
     outcome = pipeline.execute(run, "up", [name], dry_run=False)
     assert outcome.rows[0].status == "not built"
     assert "not built yet" in output(run)
+
+
+def test_down_passes_over_unbuilt_layers(converged: Cluster) -> None:
+    run = converged.run()
+    outcome = pipeline.execute(run, "down", ["vms", "access", "apps"], dry_run=False)
+    rows = {r.layer: r.status for r in outcome.rows}
+    assert rows == {"apps": "not built", "access": "not built", "vms": "ok"}, output(run)
+    assert converged.pve.vms == []
