@@ -44,6 +44,15 @@ def field_diff(actual: dict[str, Any] | None, desired: dict[str, Any], prefix: s
     return out
 
 
+def _redacted(obj: dict[str, Any], diffs: list[FieldDiff]) -> list[FieldDiff]:
+    """A Secret's values never reach the plan, its JSON or a log: only that they change."""
+    if obj.get("kind") != "Secret":
+        return diffs
+    hidden = ("data", "stringData")
+    return [FieldDiff(d.name, None if d.old is None else "(secret)", "(secret)")
+            if d.name.split(".")[0] in hidden else d for d in diffs]
+
+
 def _short(value: Any) -> Any:
     text = str(value)
     return value if len(text) <= 80 else text[:77] + "..."
@@ -85,7 +94,7 @@ class ManifestLayer:
             if current is not None and contains(current, obj):
                 plan.add(Change(self.name, obj["kind"], _name(obj), "noop", f"{component}: up to date"))
                 continue
-            fields = tuple(field_diff(current, obj))
+            fields = tuple(_redacted(obj, field_diff(current, obj)))
             plan.add(Change(self.name, obj["kind"], _name(obj), "create" if current is None else "update",
                             f"{component}: server-side apply", fields, apply=self._applier(run, obj)))
         for obj in actual.values():

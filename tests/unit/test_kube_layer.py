@@ -133,3 +133,16 @@ def test_dry_run_writes_nothing_and_down_removes_everything(cluster: Path) -> No
     assert {a for _, _, a in actions(outcome)} == {"delete"}
     outcome, _ = run_up(cluster, objects(), dry_run=True)
     assert ("ConfigMap", "demo/settings", "create") in actions(outcome)
+
+
+def test_secret_values_never_reach_the_plan(cluster: Path) -> None:
+    secret_value = "c3VwZXItc2VjcmV0LXRva2Vu"  # base64 of a made-up token
+    state = objects()
+    state["base"].append({"apiVersion": "v1", "kind": "Secret", "type": "Opaque",
+                          "metadata": {"name": "api-token", "namespace": "demo", "labels": labels("base")},
+                          "data": {"api-token": secret_value}})
+    outcome, run = run_up(cluster, state, dry_run=True)
+    text = run.console.file.getvalue()  # type: ignore[attr-defined]
+    change = next(c for p in outcome.plans for c in p.changes if c.kind == "Secret")
+    assert secret_value not in text and secret_value not in str(change.as_json())
+    assert any(f.new == "(secret)" for f in change.fields)
