@@ -151,7 +151,9 @@ class Kube:
             return
         with contextlib.suppress(KubeError):
             self.request("DELETE", path)
-        if self.get(obj) is not None and not (self.get(obj) or {}).get("metadata", {}).get("deletionTimestamp"):
+        # Gone, or going (finalizers, such as a HelmChart's uninstall, still run): both are fine.
+        current = self.get(obj)
+        if current is not None and not (current.get("metadata") or {}).get("deletionTimestamp"):
             raise KubeError(f"{describe(obj)} is still there after DELETE")
 
     def wait_served(self, kinds: Iterable[tuple[str, str]], progress: Progress, timeout: float) -> None:
