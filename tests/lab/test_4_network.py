@@ -9,6 +9,7 @@ from collections.abc import Iterator
 import pytest
 
 from homelab.lab import layout
+from homelab.wait import Silent, poll
 
 from .conftest import INV, Lab, Result, invoke
 from .test_3_k3s import in_lab
@@ -166,8 +167,12 @@ def test_down_removes_what_the_layer_made(network: Result) -> None:
     assert refused.code == 1
     down = invoke("down", "--only", "network", "--yes")
     assert down.code == 0, down.text
-    state = in_lab(STATE)
-    assert state["traefik"] == {"status": 404}
-    assert not answers(str(INV.network.traefik), 22)
+    # The chart's uninstall runs after the HelmChart's DELETE answers (its finalizer): poll for it.
+    def gone() -> tuple[bool | None, str]:
+        state = in_lab(STATE)["traefik"]
+        quiet = not answers(str(INV.network.traefik), 22)
+        return (True if state == {"status": 404} and quiet else None), f"traefik {state}, .230 answers: {not quiet}"
+
+    poll("Traefik's Service and address to go", gone, timeout=60, progress=Silent(), first=0.5, maximum=2)
     plan = invoke("plan", "--only", "network", "--json")
     assert {c["action"] for c in json.loads(plan.out)} == {"create"}
