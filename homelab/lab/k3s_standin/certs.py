@@ -44,13 +44,6 @@ def parse_duration(text: Any) -> datetime.timedelta | None:
     return datetime.timedelta(seconds=sum(float(n) * scale[u] for n, u in parts))
 
 
-def _not_before(cert: x509.Certificate) -> datetime.datetime:
-    value = getattr(cert, "not_valid_before_utc", None)
-    if isinstance(value, datetime.datetime):
-        return value
-    return cert.not_valid_before.replace(tzinfo=datetime.UTC)
-
-
 def _stamp(when: datetime.datetime) -> str:
     return rfc3339(when.timestamp())
 
@@ -187,7 +180,7 @@ class CertificateController:
                 reason = "Issuing certificate as Secret was previously issued by a different issuer"
             elif leaf.issuer != ca_cert.subject:
                 reason = "Issuing certificate as Secret was issued by another CA"
-            elif now >= pki._not_after(leaf) - renew_before:
+            elif now >= pki.not_valid_after(leaf) - renew_before:
                 reason = "Renewing certificate as renewal was scheduled"
         revision = int((cert.get("status") or {}).get("revision") or 0)
         if reason:
@@ -228,10 +221,10 @@ class CertificateController:
         assert leaf is not None
         from .controllers import _cond
 
-        not_after = pki._not_after(leaf)
+        not_after = pki.not_valid_after(leaf)
         status = {"conditions": [{**_cond("Ready", "True", "Ready", "Certificate is up to date and has not expired",
                                           previous), "observedGeneration": meta.get("generation", 1)}],
-                  "notBefore": _stamp(_not_before(leaf)), "notAfter": _stamp(not_after),
+                  "notBefore": _stamp(pki.not_valid_before(leaf)), "notAfter": _stamp(not_after),
                   "renewalTime": _stamp(not_after - renew_before), "revision": max(revision, 1)}
         ctl.set_status(cert_rt, cert, status, MANAGER)
 

@@ -33,11 +33,19 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(datetime.UTC)
 
 
-def _not_after(cert: x509.Certificate) -> datetime.datetime:
+def not_valid_after(cert: x509.Certificate) -> datetime.datetime:
+    """The end of validity, aware; Debian bookworm's cryptography (38) lacks not_valid_after_utc."""
     value = getattr(cert, "not_valid_after_utc", None)
     if isinstance(value, datetime.datetime):
         return value
     return cert.not_valid_after.replace(tzinfo=datetime.UTC)
+
+
+def not_valid_before(cert: x509.Certificate) -> datetime.datetime:
+    value = getattr(cert, "not_valid_before_utc", None)
+    if isinstance(value, datetime.datetime):
+        return value
+    return cert.not_valid_before.replace(tzinfo=datetime.UTC)
 
 
 def _key_pem(key: ec.EllipticCurvePrivateKey) -> bytes:
@@ -107,7 +115,7 @@ def ensure(data_dir: Path, sans: list[str]) -> tuple[Path, Path, Path]:
     if cert_path.exists() and key_path.exists():
         current = x509.load_pem_x509_certificates(cert_path.read_bytes())[0] if hasattr(
             x509, "load_pem_x509_certificates") else x509.load_pem_x509_certificate(cert_path.read_bytes())
-        if set(wanted) <= _sans(current) and _not_after(current) > _now() + datetime.timedelta(days=30):
+        if set(wanted) <= _sans(current) and not_valid_after(current) > _now() + datetime.timedelta(days=30):
             return tls / CA_CERT, cert_path, key_path
     key = ec.generate_private_key(ec.SECP256R1())
     now = _now()
