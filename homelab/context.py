@@ -34,6 +34,8 @@ class Run:
     _proxmox: Proxmox | None = None
     # SSH connections to the nodes, opened by the first layer that needs them and closed at the end.
     ssh: Hosts | None = None
+    # SSH to the PVE hosts as root (Ceph auth has no REST endpoint), opened on first use.
+    pve_ssh: Hosts | None = None
     # The cluster's API (homelab.clients.kube.Kube), opened by the first Kubernetes layer.
     kube: Any = None
     # Facts read once per run and shared between layers (e.g. the Ceph fsid).
@@ -49,8 +51,16 @@ class Run:
             else:
                 endpoints = [Endpoint(str(n.address), self.inv.proxmox.api_port, n.name)
                              for n in self.inv.proxmox.nodes]
+            for endpoint in endpoints:
+                self.guard(endpoint.host)
             self._proxmox = Proxmox(endpoints, access.token_id, access.token_secret.value, access.ca_bundle)
         return self._proxmox
+
+    def guard(self, host: str) -> None:
+        """Refuse a destination the target must not reach from here (see homelab.safety)."""
+        from homelab import safety
+
+        safety.check(self.target.name, host)
 
     def api_requests(self) -> int:
         return self._proxmox.stats.total if self._proxmox else 0
@@ -59,8 +69,9 @@ class Run:
         return int(self.kube.calls) if self.kube is not None else 0
 
     def ssh_connections(self) -> int:
-        return self.ssh.opened if self.ssh else 0
+        return (self.ssh.opened if self.ssh else 0) + (self.pve_ssh.opened if self.pve_ssh else 0)
 
     def close(self) -> None:
-        if self.ssh is not None:
-            self.ssh.close()
+        for hosts in (self.ssh, self.pve_ssh):
+            if hosts is not None:
+                hosts.close()

@@ -103,6 +103,8 @@ class Network(Model):
     cluster_dns: IPv4Address
     metallb_pool: Annotated[list[str], Field(min_length=1)]
     traefik: IPv4Address
+    # The internal domain's DNS server (k8s-gateway), a LoadBalancer address from the pool.
+    internal_dns: IPv4Address
     # The ClusterIssuer the wildcard certificates come from (staging while trying things out).
     cert_issuer: Literal["letsencrypt-production", "letsencrypt-staging"] = "letsencrypt-production"
 
@@ -181,6 +183,31 @@ class App(Model):
 
 
 Url = Annotated[str, StringConstraints(pattern=r"^https?://\S+$")]
+HttpsUrl = Annotated[str, StringConstraints(pattern=r"^https://\S+$")]
+
+
+class Cloudflare(Model):
+    # The Cloudflare Tunnel's name in the account (the account id and API token come from the environment).
+    tunnel: Annotated[str, StringConstraints(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,62}$")]
+    # Where cloudflared sends the public apps' requests: Traefik's in-cluster Service.
+    origin: HttpsUrl
+
+
+class Tailscale(Model):
+    tailnet: Annotated[str, StringConstraints(pattern=r"^(-|[A-Za-z0-9.@_-]+)$")]
+    connector: DnsLabel
+    tags: Annotated[list[Annotated[str, StringConstraints(pattern=r"^tag:[A-Za-z0-9-]+$")]], Field(min_length=1)]
+
+
+class Access(Model):
+    cloudflare: Cloudflare
+    tailscale: Tailscale
+
+
+class Gitops(Model):
+    repo_url: HttpsUrl
+    revision: Annotated[str, StringConstraints(pattern=r"^[\w./-]+$")]
+    path: Annotated[str, StringConstraints(pattern=r"^[\w-]+(/[\w-]+)*$")]
 
 
 class Target(Model):
@@ -189,6 +216,12 @@ class Target(Model):
     k3s_release_url: Url
     # Releases the target's mirror offers besides the inventory's own version (the lab's, for upgrades).
     k3s_versions: list[Annotated[str, StringConstraints(pattern=r"^v\d+\.\d+\.\d+\+k3s\d+$")]] = []
+    # The outside world's endpoints: Cloudflare's and Tailscale's APIs, the resolver the public uses,
+    # and the resolver a tailnet client uses (MagicDNS, which applies split DNS).
+    cloudflare_api: HttpsUrl = "https://api.cloudflare.com/client/v4"
+    tailscale_api: HttpsUrl = "https://api.tailscale.com"
+    public_resolver: IPv4Address = IPv4Address("1.1.1.1")
+    tailnet_resolver: IPv4Address = IPv4Address("100.100.100.100")
 
 
 class Targets(Model):
@@ -201,6 +234,8 @@ class Inventory(Model):
     network: Network
     k3s: K3s
     domains: Domains
+    access: Access
+    gitops: Gitops
     apps: list[App]
     targets: Targets
 
@@ -291,10 +326,15 @@ def check(inv: Inventory) -> list[Problem]:  # noqa: PLR0912, PLR0915 - one flat
                 add(Problem((f"network.metallb_pool[{j}]", f"network.metallb_pool[{i}]"),
                             f"MetalLB pool ranges {other_first}-{other_last} and {first}-{last} overlap"))
 
-    # Traefik's address comes from the pool.
-    if not any(first <= net.traefik <= last for first, last in pool):
-        add(Problem(("network.traefik", "network.metallb_pool"),
-                    f"Traefik's address {net.traefik} is not in the MetalLB pool {', '.join(net.metallb_pool)}"))
+    # Traefik's and the internal DNS's addresses come from the pool, one each.
+    for path, label, addr in (("network.traefik", "Traefik", net.traefik),
+                              ("network.internal_dns", "the internal DNS", net.internal_dns)):
+        if not any(first <= addr <= last for first, last in pool):
+            add(Problem((path, "network.metallb_pool"),
+                        f"{label}'s address {addr} is not in the MetalLB pool {', '.join(net.metallb_pool)}"))
+    if net.traefik == net.internal_dns:
+        add(Problem(("network.traefik", "network.internal_dns"),
+                    f"Traefik and the internal DNS both have {net.traefik}; each LoadBalancer needs its own"))
 
     # Networks disjoint.
     nets = [("network.home", net.home), ("network.pod_cidr", net.pod_cidr),

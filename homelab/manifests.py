@@ -30,8 +30,14 @@ MANIFESTS_DIR = Path(__file__).resolve().parent.parent / "manifests"
 MANAGED_BY = "app.kubernetes.io/managed-by"
 COMPONENT = "homelab.jigga.xyz/component"
 
-# The network layer's components, in the order their objects are applied within a phase.
-COMPONENTS = ("metallb", "traefik", "cert-manager", "ceph-csi")
+# Each Kubernetes layer's components, in the order their objects are applied within a phase.
+LAYERS: Mapping[str, tuple[str, ...]] = {
+    "network": ("metallb", "traefik", "cert-manager", "ceph-csi"),
+    "access": ("cloudflared", "tailscale", "k8s-gateway"),
+    "monitoring": ("kube-prometheus-stack", "loki", "alloy"),
+    "apps": ("vaultwarden", "homepage", "vault", "argocd"),
+}
+COMPONENTS = tuple(c for components in LAYERS.values() for c in components)
 
 
 @dataclass(frozen=True)
@@ -52,6 +58,24 @@ CHARTS: Mapping[str, Chart] = {
     "cert-manager": Chart("https://charts.jetstack.io", "cert-manager", "v1.19.4"),
     # Ceph-CSI v3.15.1 (https://github.com/ceph/ceph-csi/releases/tag/v3.15.1).
     "ceph-csi": Chart("https://ceph.github.io/csi-charts", "ceph-csi-rbd", "3.15.1"),
+    # Tailscale operator 1.102.4 (https://pkgs.tailscale.com/helmcharts); k8s_gateway chart 2.4.0
+    # (https://ori-edge.github.io/k8s_gateway/, CoreDNS with the k8s_gateway plugin).
+    "tailscale": Chart("https://pkgs.tailscale.com/helmcharts", "tailscale-operator", "1.102.4"),
+    "k8s-gateway": Chart("https://ori-edge.github.io/k8s_gateway/", "k8s-gateway", "2.4.0"),
+    # kube-prometheus-stack 81.4.5 (Prometheus Operator v0.88.0, Grafana chart 10.5.12): version in
+    # charts/kube-prometheus-stack/Chart.yaml of prometheus-community/helm-charts.
+    "kube-prometheus-stack": Chart("https://prometheus-community.github.io/helm-charts", "kube-prometheus-stack",
+                                   "81.4.5"),
+    # Loki chart 6.42.0 (tag helm-loki-6.42.0). Since 2026-03-16 the chart lives on in
+    # grafana-community/helm-charts with a new numbering; grafana.github.io keeps serving 6.x.
+    "loki": Chart("https://grafana.github.io/helm-charts", "loki", "6.42.0"),
+    # Alloy chart 1.9.0 = Grafana Alloy v1.16.3 (https://github.com/grafana/alloy/releases/tag/helm-chart%2F1.9.0).
+    # Alloy replaces Promtail, which reached end of life on 2026-03-02.
+    "alloy": Chart("https://grafana.github.io/helm-charts", "alloy", "1.9.0"),
+    # Vault chart 0.32.0 = Vault 1.21.2 (https://developer.hashicorp.com/vault/docs/platform/k8s/helm).
+    "vault": Chart("https://helm.releases.hashicorp.com", "vault", "0.32.0"),
+    # Argo CD chart 9.4.17, released 2026-03-27 (https://artifacthub.io/packages/helm/argo/argo-cd/9.4.17).
+    "argocd": Chart("https://argoproj.github.io/argo-helm", "argo-cd", "9.4.17"),
 }
 
 # API groups whose CRDs a component's chart installs: their objects wait until the CRD is served.
@@ -59,6 +83,13 @@ CRD_GROUPS: Mapping[str, str] = {
     "metallb.io": "metallb",
     "traefik.io": "traefik",
     "cert-manager.io": "cert-manager",
+    "monitoring.coreos.com": "kube-prometheus-stack",
+    "argoproj.io": "argocd",
+    "tailscale.com": "tailscale",
+}
+# Images the manifests run directly (charts pin their own).
+IMAGES: Mapping[str, str] = {
+    "cloudflared": "cloudflare/cloudflared:2025.11.1",
 }
 
 ISSUERS = ("letsencrypt-staging", "letsencrypt-production")
@@ -70,10 +101,13 @@ ACME_SERVERS = {
 # directory that is not publicly trusted (the lab's).
 ACME_KEYS = (*ACME_SERVERS, "email", "ca_bundle")
 
-# The secrets a render may carry, by the environment variable they come from.
+# The secrets a render may carry: the target's (homelab.target.SECRETS, from the environment or the
+# lab's state) and those the layers read at run time (the Ceph CSI key, the tunnel's token).
 CLOUDFLARE_TOKEN = "CLOUDFLARE_API_TOKEN"  # noqa: S105 - the variable's name, not a token
 CEPH_KEY = "HOMELAB_CEPH_CSI_KEY"
-SECRET_ENV = (CLOUDFLARE_TOKEN, CEPH_KEY)
+TUNNEL_TOKEN = "CLOUDFLARE_TUNNEL_TOKEN"  # noqa: S105 - a name
+SECRET_ENV = (CLOUDFLARE_TOKEN, CEPH_KEY, TUNNEL_TOKEN, "TS_OAUTH_CLIENT_ID", "TS_OAUTH_CLIENT_SECRET",
+              "GRAFANA_ADMIN_PASSWORD", "VAULTWARDEN_ADMIN_TOKEN")
 
 CEPH_USER = "kubernetes"
 CEPH_MON_PORT = 6789
@@ -185,6 +219,14 @@ def _slug(domain: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", domain.lower()).strip("-")
 
 
+def _tls_secret(inv: Inventory, hostname: str) -> str:
+    """The wildcard certificate's Secret covering hostname (its domain's: apex or one label below)."""
+    for domain in sorted([inv.domains.internal.name, inv.domains.public.name], key=len, reverse=True):
+        if hostname == domain or hostname.endswith("." + domain):
+            return f"wildcard-{_slug(domain)}-tls"
+    raise ManifestError(f"{hostname} is under neither domain")
+
+
 def _context(inv: Inventory, secrets: Mapping[str, str], issuer: str, acme: Mapping[str, str],
              ceph_fsid: str) -> dict[str, Any]:
     domains = list(dict.fromkeys([inv.domains.public.name, inv.domains.internal.name]))
@@ -204,6 +246,17 @@ def _context(inv: Inventory, secrets: Mapping[str, str], issuer: str, acme: Mapp
         "certificates": [{"domain": d, "name": f"wildcard-{_slug(d)}", "secret": f"wildcard-{_slug(d)}-tls"}
                          for d in domains],
         "cloudflare_token": secrets.get(CLOUDFLARE_TOKEN) or None,
+        "secrets": {name: secrets.get(name) or None for name in SECRET_ENV},
+        "apps": {app.name: app for app in inv.apps},
+        "public_apps": [app for app in inv.apps if app.access == "public"],
+        "domains": inv.domains,
+        "access": inv.access,
+        "gitops": inv.gitops,
+        "internal_dns_address": str(inv.network.internal_dns),
+        "tailnet_routes": [f"{inv.network.traefik}/32", f"{inv.network.internal_dns}/32"],
+        "images": IMAGES,
+        "wildcard_secret": {d: f"wildcard-{_slug(d)}-tls" for d in domains},
+        "tls_secret": {app.name: _tls_secret(inv, app.hostname) for app in inv.apps if app.hostname},
         "ceph": {
             "fsid": ceph_fsid,
             "monitors": [f"{node.address}:{CEPH_MON_PORT}" for node in inv.proxmox.nodes],
@@ -241,10 +294,17 @@ def _warnings(component: str, context: Mapping[str, Any], ceph_fsid: str) -> lis
         out.append(f"cert-manager: {CLOUDFLARE_TOKEN} is not set, so the Secret cert-manager/cloudflare-api-token "
                    "is not rendered; the ClusterIssuers cannot solve DNS-01 challenges until it exists")
     if component == "ceph-csi" and context["ceph"]["user_key"] is None:
-        out.append(f"ceph-csi: {CEPH_KEY} is not set, so the Secret ceph-csi-rbd/csi-rbd-secret is not rendered; "
-                   f"volumes cannot be provisioned until it holds client.{CEPH_USER}'s key")
+        out.append(f"ceph-csi: Ceph has no client.{CEPH_USER} yet (the ceph layer makes it), so the Secret "
+                   "ceph-csi-rbd/csi-rbd-secret is not rendered; volumes cannot be provisioned until it holds "
+                   "the client's key")
     if component == "ceph-csi" and ceph_fsid == PLACEHOLDER_FSID:
         out.append("ceph-csi: no Ceph fsid given; clusterID is the placeholder " + PLACEHOLDER_FSID)
+    if component == "kube-prometheus-stack" and context["secrets"]["GRAFANA_ADMIN_PASSWORD"] is None:
+        out.append("kube-prometheus-stack: GRAFANA_ADMIN_PASSWORD is not set, so the Secret monitoring/grafana-admin "
+                   "is not rendered; Grafana does not start until it exists")
+    if component == "vaultwarden" and context["secrets"]["VAULTWARDEN_ADMIN_TOKEN"] is None:
+        out.append("vaultwarden: VAULTWARDEN_ADMIN_TOKEN is not set, so the Secret vaultwarden/vaultwarden-admin "
+                   "is not rendered and the admin page (/admin) stays disabled")
     return out
 
 

@@ -23,7 +23,6 @@ from homelab.inventory import Inventory
 from homelab.wait import Progress
 
 ORDER = ("ceph", "sdn", "vms", "k3s", "network", "access", "monitoring", "apps")
-NETWORK = ("metallb", "traefik", "cert-manager", "ceph-csi")
 
 
 class Layer(Protocol):
@@ -48,17 +47,18 @@ class NotBuiltLayer:
 
 
 def layers() -> dict[str, Layer]:
-    from homelab.layers import ceph, k3s, kubernetes, sdn, vms
+    from homelab.layers import access, ceph, k3s, kubernetes, sdn, vms
+    from homelab.manifests import LAYERS
 
     return {
         "ceph": ceph.CephLayer(),
         "sdn": sdn.SdnLayer(),
         "vms": vms.VmsLayer(),
         "k3s": k3s.K3sLayer(),
-        "network": kubernetes.ManifestLayer("network", NETWORK, kubernetes.network_render),
-        "access": NotBuiltLayer("access", "issue 6"),
-        "monitoring": NotBuiltLayer("monitoring", "issue 6"),
-        "apps": NotBuiltLayer("apps", "issue 6"),
+        "network": kubernetes.ManifestLayer("network", LAYERS["network"], kubernetes.network_render),
+        "access": access.AccessLayer(),
+        "monitoring": kubernetes.ManifestLayer("monitoring", LAYERS["monitoring"], kubernetes.render),
+        "apps": kubernetes.ManifestLayer("apps", LAYERS["apps"], kubernetes.render),
     }
 
 

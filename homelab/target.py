@@ -37,6 +37,8 @@ class ProxmoxAccess:
     ca_bundle: str | bool
     # Overrides the PVE hosts' addresses (tests and benchmarks against a local fakepve only).
     endpoint: tuple[str, int] | None = None
+    # Overrides the PVE hosts' SSH address (tests and benchmarks against a local LabPveSsh only).
+    ssh_endpoint: tuple[str, int] | None = None
 
 
 @dataclass(frozen=True)
@@ -52,6 +54,30 @@ class Target:
     known_hosts: Path = Path("~/.ssh/known_hosts")
     # Where the operator's copies live: the cluster token and the kubeconfig (0600, in a 0700 dir).
     state_dir: Path = Path("~/.local/state/homelab/live")
+    # The outside world's APIs and resolvers, and the CA bundle their TLS is checked against (True:
+    # the system's trust store).
+    cloudflare_api: str = "https://api.cloudflare.com/client/v4"
+    tailscale_api: str = "https://api.tailscale.com"
+    outside_ca: str | bool = True
+    public_resolver: str = "1.1.1.1"
+    tailnet_resolver: str = "100.100.100.100"
+    # Credentials of the outside world and the apps, by variable name (SECRETS); only those set.
+    secrets: dict[str, Secret] = field(default_factory=dict)
+
+    def secret(self, name: str) -> str | None:
+        value = self.secrets.get(name)
+        return value.value if value is not None else None
+
+
+# The secrets a target may hold, by the environment variable (or lab state file key) they come from.
+SECRETS = {
+    "CLOUDFLARE_API_TOKEN": "Cloudflare API token: Zone DNS Edit, Zone Read, Account Cloudflare Tunnel Edit",
+    "CLOUDFLARE_ACCOUNT_ID": "the Cloudflare account that holds the tunnel",
+    "TS_OAUTH_CLIENT_ID": "Tailscale OAuth client id (scopes: dns, devices:core, devices:routes, auth_keys)",
+    "TS_OAUTH_CLIENT_SECRET": "Tailscale OAuth client secret",
+    "GRAFANA_ADMIN_PASSWORD": "Grafana's admin password",
+    "VAULTWARDEN_ADMIN_TOKEN": "Vaultwarden's admin token (an Argon2 PHC string is best)",
+}
 
 
 def read_env_file(path: Path) -> dict[str, str]:
@@ -80,7 +106,8 @@ def _settings(name: str) -> dict[str, str]:
     env_file = REPO / ".env"
     values = read_env_file(env_file) if env_file.exists() else {}
     values.update({k: v for k, v in os.environ.items()
-                   if k.startswith(("PROXMOX_", "HOMELAB_SSH_", "HOMELAB_KNOWN_HOSTS"))})
+                   if k.startswith(("PROXMOX_", "HOMELAB_SSH_", "HOMELAB_KNOWN_HOSTS", "HOMELAB_OUTSIDE_CA"))
+                   or k in SECRETS})
     return values
 
 
@@ -100,9 +127,15 @@ def resolve(name: str, inv: Inventory) -> Target:
     known = Path(values.get("HOMELAB_KNOWN_HOSTS") or "~/.ssh/known_hosts").expanduser()
     state = (layout.STATE / "operator" if name == "lab"
              else Path(os.environ.get("HOMELAB_STATE") or "~/.local/state/homelab").expanduser() / name)
+    outside_ca = values.get("HOMELAB_OUTSIDE_CA_BUNDLE")
+    if outside_ca and not Path(outside_ca).is_file():
+        raise ConfigError(f"target {name}: HOMELAB_OUTSIDE_CA_BUNDLE {outside_ca} does not exist")
     return Target(name=name,
                   proxmox=ProxmoxAccess(values["PROXMOX_TOKEN_ID"], Secret(values["PROXMOX_TOKEN_SECRET"]),
                                         ca or True),
                   ssh_public_key=public, image_mirror=settings.image_mirror,
                   k3s_release_url=settings.k3s_release_url, ssh_private_key=private, known_hosts=known,
-                  state_dir=state)
+                  state_dir=state, cloudflare_api=settings.cloudflare_api, tailscale_api=settings.tailscale_api,
+                  outside_ca=outside_ca or True, public_resolver=str(settings.public_resolver),
+                  tailnet_resolver=str(settings.tailnet_resolver),
+                  secrets={k: Secret(v) for k, v in values.items() if k in SECRETS and v})

@@ -34,7 +34,10 @@ REPO = Path(__file__).resolve().parent.parent
 OBJECT_META = "io.k8s.apimachinery.pkg.apis.meta.v1.ObjectMeta"
 # Placeholders for `python -m homelab.validate`, so the Secrets are rendered and checked too.
 PLACEHOLDER_SECRETS = {"CLOUDFLARE_API_TOKEN": "placeholder-cloudflare-token",
-                       "HOMELAB_CEPH_CSI_KEY": "AQBplaceholderplaceholderplaceholderplace=="}
+                       "HOMELAB_CEPH_CSI_KEY": "AQBplaceholderplaceholderplaceholderplace==",
+                       "CLOUDFLARE_TUNNEL_TOKEN": "placeholder-tunnel-token",
+                       "TS_OAUTH_CLIENT_ID": "placeholder-client", "TS_OAUTH_CLIENT_SECRET": "placeholder-secret",
+                       "GRAFANA_ADMIN_PASSWORD": "placeholder-password", "VAULTWARDEN_ADMIN_TOKEN": "placeholder"}
 
 
 def shared_dir() -> Path:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 import shlex
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -50,11 +50,15 @@ class Hosts:
     timeout: float = 15.0
     connections: dict[str, Connection] = field(default_factory=dict)
     opened: int = 0
+    # Asked before every new connection (homelab.safety.check for the run's target).
+    guard: Callable[[str], None] | None = None
 
     def connect(self, address: str) -> Connection:
         conn = self.connections.get(address)
         if conn is not None and conn.is_connected:
             return conn
+        if self.guard is not None:
+            self.guard(address.rsplit(":", 1)[0] if address.count(":") == 1 else address)
         conn = Connection(address, user=self.user, connect_timeout=int(self.timeout),
                           connect_kwargs={"key_filename": str(self.key_file), "look_for_keys": False,
                                           "allow_agent": False})

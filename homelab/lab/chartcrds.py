@@ -121,9 +121,43 @@ def chart_files(schemas: Path | None = None) -> dict[str, bytes]:
                                               sort_keys=True).encode()
            for chart in sorted(set(CHARTS) | set(CSI_DRIVERS))}
     out["charts/ingress.json"] = ingress_index()
+    # The app doubles' index (k3s_standin/apps.py): the Services each chart makes, apps by image.
+    out["charts/apps.json"] = json.dumps({"services": SERVICES, "images": IMAGES}, sort_keys=True).encode()
     return out
 
 
 def ingress_index() -> bytes:
     """`charts/ingress.json`: {chart: ingress-controller traits} (see INGRESS_CONTROLLERS)."""
     return json.dumps(INGRESS_CONTROLLERS, sort_keys=True).encode()
+
+
+# chart name -> the Services of the real chart that our manifests name (Ingress backends, Grafana's Loki
+# datasource, Alloy's push URL), with the port and the health path each answers. Names follow each chart's
+# own fullname helper: "{fullname}" is values.fullnameOverride, else the release name (the HelmChart's name)
+# when it contains the chart name, else "<release>-<chart>" (our releases all contain theirs, or set the
+# override). "{release}" is the release name: a subchart names its objects by its own helper, so Grafana's
+# Service in kube-prometheus-stack is "<release>-grafana", whatever the parent's fullnameOverride says.
+SERVICES: dict[str, list[dict[str, Any]]] = {
+    "kube-prometheus-stack": [
+        {"name": "{fullname}-prometheus", "port": 9090, "app": "prometheus", "health": "/-/healthy"},
+        {"name": "{fullname}-alertmanager", "port": 9093, "app": "alertmanager", "health": "/-/healthy"},
+        {"name": "{release}-grafana", "port": 80, "app": "grafana", "health": "/api/health"},
+    ],
+    "loki": [
+        # SingleBinary mode without the gateway: the single binary's Service is the chart's fullname.
+        {"name": "{fullname}", "port": 3100, "app": "loki", "health": "/ready"},
+    ],
+    "vault": [
+        # 200 only when initialised and unsealed; 501 uninitialised, 503 sealed.
+        {"name": "{fullname}", "port": 8200, "app": "vault", "health": "/v1/sys/health"},
+    ],
+    "argo-cd": [
+        {"name": "{fullname}-server", "port": 80, "app": "argocd", "health": "/healthz"},
+    ],
+}
+# image repository -> the app a plain Deployment of it serves (manifests/<app>/) and its health path, on the
+# container port the Deployment declares.
+IMAGES: dict[str, dict[str, Any]] = {
+    "vaultwarden/server": {"app": "vaultwarden", "health": "/alive"},
+    "ghcr.io/gethomepage/homepage": {"app": "homepage", "health": "/"},
+}

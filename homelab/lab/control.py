@@ -102,6 +102,10 @@ def lab_config(inv: Inventory, root: Path) -> dict[str, Any]:
     internal = inv.domains.internal.name
     records = {f"{n.name}.{internal}": [str(n.address)] for n in inv.proxmox.nodes}
     records.update({f"{vm.name}.{internal}": [str(vm.address)] for vm in inv.k3s.vms})
+    # What the cluster's doubles look up through the home resolver: the tunnel edge, Tailscale's API.
+    world = outside(inv)
+    records.update({name: [EDGE_ADDRESS] for name in EDGE_NAMES})
+    records.update({name: [str(world["tailscale_api"])] for name in TAILSCALE_NAMES})
     return {
         "netns": layout.NETNS,
         "bridge": inv.network.bridge,
@@ -113,11 +117,37 @@ def lab_config(inv: Inventory, root: Path) -> dict[str, Any]:
         "nameservers": [str(a) for a in inv.network.nameservers],
         "search_domain": inv.k3s.search_domain,
         "dns_listen": [str(a) for a in inv.network.nameservers if a in inv.network.home],
-        "dns_zones": [internal],
+        "dns_zones": [internal, "argotunnel.com", "tailscale.com"],
         "dns_records": records,
         "mirror": {"address": mirror[0], "port": mirror[1], "releases": str(rootfs.CACHE / "releases"),
                    "images": str(rootfs.CACHE / "images")} if (mirror := mirror_host(inv)) else None,
+        "outside": outside(inv),
     }
+
+
+# The lab's Cloudflare edge (what proxied names resolve to) and the names the cluster's doubles look up.
+EDGE_ADDRESS = "203.0.113.20"
+EDGE_NAMES = ("region1.v2.argotunnel.com", "region2.v2.argotunnel.com")
+TAILSCALE_NAMES = ("api.tailscale.com", "controlplane.tailscale.com")
+
+
+def outside(inv: Inventory) -> dict[str, Any]:
+    """The outside world's addresses in the lab, from the lab target's endpoints (documentation addresses)."""
+    lab = inv.targets.lab
+    return {
+        "cloudflare_api": urlsplit(lab.cloudflare_api).hostname,
+        "tailscale_api": urlsplit(lab.tailscale_api).hostname,
+        "public_resolver": str(lab.public_resolver),
+        "tailnet_resolver": str(lab.tailnet_resolver),
+        "edge": EDGE_ADDRESS,
+        "public_zone": inv.domains.public.name,
+    }
+
+
+def outside_addresses(inv: Inventory) -> list[str]:
+    found = outside(inv)
+    return list(dict.fromkeys(str(found[k]) for k in ("cloudflare_api", "tailscale_api", "public_resolver",
+                                                      "tailnet_resolver", "edge")))
 
 
 def bridge_addresses(inv: Inventory) -> list[str]:
@@ -127,6 +157,16 @@ def bridge_addresses(inv: Inventory) -> list[str]:
     wanted = [inv.network.gateway, *(a for a in inv.network.nameservers if a in inv.network.home),
               *(n.address for n in inv.proxmox.nodes), *([ip_address(mirror[0])] if mirror else [])]
     return [f"{a}/{prefix}" for a in dict.fromkeys(wanted)]
+
+
+def outside_json(ca_pem: str) -> bytes:
+    """charts/outside.json for the stand-in: where the Cloudflare edge is, and the CA the outside world's
+    TLS is signed by (the Tailscale API's too)."""
+    from homelab.lab.k3s_standin.tunnel import outside_index
+
+    data = json.loads(outside_index(EDGE_NAMES[0], ca_pem))
+    data["tailscale_api"] = {"ca_pem": ca_pem}
+    return (json.dumps(data, indent=2, sort_keys=True) + "\n").encode()
 
 
 def _write_private(path: Path, text: str) -> None:
@@ -147,9 +187,13 @@ def up(inv: Inventory, out: Console, timeout: float = 60.0) -> bool:
     progress = Progress(out)
     started = time.monotonic()
     root = rootfs.ensure(progress)
+    layout.STATE.mkdir(mode=0o700, parents=True, exist_ok=True)
+    (layout.STATE / "pki").mkdir(mode=0o700, exist_ok=True)
+    ca_pem, _ = pki.make_ca(layout.STATE / "pki")
+    extra = {"charts/outside.json": outside_json(ca_pem.read_text(encoding="utf-8"))}
     for version in release_versions(inv):
         with progress.waiting(f"the k3s stand-in release {version} (vendoring from PyPI the first time)"):
-            release.build(version, rootfs.CACHE / "releases", cache=rootfs.CACHE)
+            release.build(version, rootfs.CACHE / "releases", cache=rootfs.CACHE, extra=extra)
     (rootfs.CACHE / "images").mkdir(parents=True, exist_ok=True)
     try:
         _make(inv, root, out, progress, timeout)
@@ -170,9 +214,12 @@ def _make(inv: Inventory, root: Path, out: Console, progress: Progress, timeout:
     (state / "ssh").mkdir(mode=0o700, exist_ok=True)
     (layout.VAR / "vms").mkdir(parents=True, exist_ok=True)
 
-    ca_pem, ca_key = pki.make_ca(state / "pki")
+    ca_pem, ca_key = state / "pki" / "ca.pem", state / "pki" / "ca.key"
     names = [str(n.address) for n in inv.proxmox.nodes] + [n.name for n in inv.proxmox.nodes]
     pki.issue(ca_pem, ca_key, state / "pki", "pve", names)
+    world = outside(inv)
+    pki.issue(ca_pem, ca_key, state / "pki", "cloudflare-api", [str(world["cloudflare_api"]), "api.cloudflare.com"])
+    pki.issue(ca_pem, ca_key, state / "pki", "tailscale-api", [str(world["tailscale_api"]), *TAILSCALE_NAMES])
     key = state / layout.SSH_KEY
     subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "homelab-lab", "-f", str(key)],
                    check=True, capture_output=True)
@@ -184,12 +231,26 @@ def _make(inv: Inventory, root: Path, out: Console, progress: Progress, timeout:
         f"HOMELAB_SSH_PUBLIC_KEY={key}.pub",
         f"HOMELAB_SSH_PRIVATE_KEY={key}",
         f"HOMELAB_KNOWN_HOSTS={state / layout.KNOWN_HOSTS}",
+        # The outside world's credentials in the lab (its Cloudflare and Tailscale accept exactly these),
+        # and the apps' secrets.
+        f"HOMELAB_OUTSIDE_CA_BUNDLE={ca_pem}",
+        f"CLOUDFLARE_API_TOKEN={secrets.token_urlsafe(30)}",
+        f"CLOUDFLARE_ACCOUNT_ID={secrets.token_hex(16)}",
+        f"TS_OAUTH_CLIENT_ID=k{secrets.token_hex(8)}CNTRL",
+        f"TS_OAUTH_CLIENT_SECRET=tskey-client-{secrets.token_hex(24)}",
+        f"GRAFANA_ADMIN_PASSWORD={secrets.token_urlsafe(18)}",
+        f"VAULTWARDEN_ADMIN_TOKEN={secrets.token_urlsafe(32)}",
         "",
     ]))
     (state / layout.LAB_JSON).write_text(json.dumps(lab_config(inv, root), indent=2), encoding="utf-8")
 
     netns.add(layout.NETNS)
     netns.make_bridge(layout.NETNS, inv.network.bridge, bridge_addresses(inv))
+    # The outside world (Cloudflare, Tailscale, public resolvers) on the namespace's loopback (the machine may
+    # have no dummy driver): the VMs reach it through their gateway, and nothing routes further.
+    netns.ip("link", "set", "lo", "up", netns=layout.NETNS)
+    for address in outside_addresses(inv):
+        netns.add_address(layout.NETNS, "lo", f"{address}/32")
     etc = Path("/etc/netns") / layout.NETNS
     etc.mkdir(parents=True, exist_ok=True)
     resolvers = [str(a) for a in inv.network.nameservers if a in inv.network.home]

@@ -34,7 +34,7 @@ import sys
 import tarfile
 import tempfile
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import BinaryIO
 
@@ -116,7 +116,7 @@ class ReleaseError(HomelabError):
 
 
 def build(version: str, out_dir: Path, *, cache: Path, package_dir: Path = PACKAGE_DIR,
-          requirements: Sequence[str] = REQUIREMENTS) -> Path:
+          requirements: Sequence[str] = REQUIREMENTS, extra: Mapping[str, bytes] | None = None) -> Path:
     """Write `out_dir/<version>/k3s` and `sha256sum-amd64.txt`; returns `out_dir/<version>`.
 
     `requirements` are vendored into the payload (pip, cached in `cache`); `()` vendors nothing.
@@ -132,7 +132,7 @@ def build(version: str, out_dir: Path, *, cache: Path, package_dir: Path = PACKA
     tmp = release / f".{BINARY}.{os.getpid()}.tmp"
     try:
         with tmp.open("wb") as out:
-            _write_binary(out, version, vendored, _package_part(package_dir, version))
+            _write_binary(out, version, vendored, _package_part(package_dir, version, extra or {}))
         tmp.chmod(0o755)
         digest = sha256_file(tmp)
         tmp.replace(release / BINARY)
@@ -266,7 +266,7 @@ def _not_packaged(rel: str) -> bool:
             or rel == VERSION_FILE)
 
 
-def _package_part(package_dir: Path, version: str) -> bytes:
+def _package_part(package_dir: Path, version: str, extra: Mapping[str, bytes]) -> bytes:
     """The stand-in package as a gzip member: its files, under `k3s_standin/`, plus VERSION; then the tar end."""
     sink = io.BytesIO()
     gz = _Gzip(sink)
@@ -275,7 +275,9 @@ def _package_part(package_dir: Path, version: str) -> bytes:
     members = [*_tree(package_dir, PACKAGE + "/", skip=_not_packaged),
                (f"{PACKAGE}/{VERSION_FILE}", version.encode(), 0o644),
                # The CRDs the lab's chart doubles install, as the real charts would.
-               *((f"{PACKAGE}/{name}", data, 0o644) for name, data in chartcrds.chart_files().items())]
+               *((f"{PACKAGE}/{name}", data, 0o644) for name, data in chartcrds.chart_files().items()),
+               # Lab data of this lab (charts/outside.json: the outside world's names and CA).
+               *((f"{PACKAGE}/{name}", data, 0o644) for name, data in extra.items())]
     members += [(f"{PACKAGE}/charts", None, 0o755)]
     _write_members(gz, sorted(members, key=lambda m: m[0]))
     gz.write(tarfile.NUL * (2 * tarfile.BLOCKSIZE))  # end of archive

@@ -63,6 +63,9 @@ class Supervisor:
         self.pve.cluster_name = self.config["cluster"]
         self.dns: Any = None
         self.mirror: Any = None
+        self.pve_ssh: Any = None
+        self.outside: list[Any] = []
+        self.secrets = secrets
         self._known_hosts_lock = threading.Lock()
         self._status_lock = threading.Lock()
 
@@ -101,6 +104,57 @@ class Supervisor:
             tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
             tmp.replace(path)
 
+    async def _start_outside(self) -> None:
+        """The outside world: Cloudflare's API and edge (with the public DNS view), Tailscale's API and a
+        tailnet client's resolver. Each accepts exactly the credentials lab.up wrote to target.env."""
+        import ssl
+
+        from homelab.lab.cloudflare import LabCloudflare, dns_sync
+        from homelab.lab.cloudflare_edge import LabCloudflareEdge
+        from homelab.lab.dns import View
+        from homelab.lab.tailscale import LabTailscale, TailnetResolver
+
+        world, pki, secrets = self.config["outside"], self.state / "pki", self.secrets
+        self.dns.views["public"] = View(zones=[world["public_zone"]])
+        await self.dns.start([(world["public_resolver"], 53, "public")])
+        cf = LabCloudflare([world["edge"]], on_dns=dns_sync(self.dns, "public"))
+        account = cf.add_account("homelab", account_id=secrets["CLOUDFLARE_ACCOUNT_ID"])
+        cf.add_zone(world["public_zone"], account)
+        cf.add_token(secrets["CLOUDFLARE_API_TOKEN"], {"Zone Read", "DNS Write", "Cloudflare Tunnel Write"},
+                     zones=[world["public_zone"]])
+        context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+        context.load_cert_chain(str(pki / "cloudflare-api.pem"), str(pki / "cloudflare-api.key"))
+        await cf.start(world["cloudflare_api"], 443, context)
+        self.outside.append(cf)
+        self.cloudflare = cf
+        (pki / "edge").mkdir(mode=0o700, exist_ok=True)
+        edge = LabCloudflareEdge(cf, pki / "ca.pem", pki / "ca.key", pki / "edge")
+        await edge.start(world["edge"])
+        self.outside.append(edge)
+        ts = LabTailscale()
+        ts.add_oauth_client(secrets["TS_OAUTH_CLIENT_ID"], secrets["TS_OAUTH_CLIENT_SECRET"],
+                            ["dns", "devices:core", "devices:routes", "auth_keys"])
+        await ts.start(world["tailscale_api"], 443, str(pki / "tailscale-api.pem"), str(pki / "tailscale-api.key"))
+        self.outside.append(ts)
+        self.tailscale = ts
+        resolver = TailnetResolver(ts)
+        await resolver.start(world["tailnet_resolver"], 53)
+        self.outside.append(resolver)
+        log.info("outside world: Cloudflare API %s, edge %s, public DNS %s, Tailscale API %s, tailnet DNS %s",
+                 world["cloudflare_api"], world["edge"], world["public_resolver"], world["tailscale_api"],
+                 world["tailnet_resolver"])
+
+    def _start_pve_ssh(self) -> Any:
+        """SSH on every PVE host (root, the lab's key) for `ceph auth`, its host key recorded as known."""
+        from homelab.lab.pvessh import LabPveSsh
+
+        ssh = LabPveSsh.for_state(self.pve, self.state)
+        addresses = list(self.config["pve_nodes"].values())
+        ssh.start(addresses, 22)
+        for address in addresses:
+            self._record_known_hosts(address, [ssh.host_key_line()])
+        return ssh
+
     def _on_stop(self, vm: Any) -> None:
         destroyed = vm not in self.pve.vms
         action = self.guests.destroy if destroyed else self.guests.stop
@@ -138,12 +192,17 @@ class Supervisor:
                                       str(pki / "pve.pem"), str(pki / "pve.key"))
             log.info("PVE API at %s, port %s", ", ".join(self.config["pve_nodes"].values()),
                      self.config["api_port"])
+            self.pve_ssh = await loop.run_in_executor(None, self._start_pve_ssh)
             self.dns = await _start_dns(self.config)
+            if self.config.get("outside"):
+                await self._start_outside()
             if self.config.get("mirror"):
                 self.mirror = await _start_mirror(self.config["mirror"])
         except OSError as exc:
             # One clear line for lab.up to show: which address and port, and why.
             log.error("cannot listen: %s", exc)
+            if self.pve_ssh is not None:
+                self.pve_ssh.stop()
             await self.pve.stop()
             raise SystemExit(1) from None
         self._write_status()
@@ -153,6 +212,10 @@ class Supervisor:
         log.info("stopping: %d VM container(s)", sum(1 for g in self.guests.guests.values() if g.running))
         (self.state / layout.READY).unlink(missing_ok=True)
         await loop.run_in_executor(None, self.guests.stop_all)
+        if self.pve_ssh is not None:
+            await loop.run_in_executor(None, self.pve_ssh.stop)
+        for server in reversed(self.outside):
+            await server.stop()
         if self.dns is not None:
             await self.dns.stop()
         if self.mirror is not None:

@@ -1,13 +1,20 @@
-"""The ceph layer: the RBD pool for VM disks and K8s volumes, and its PVE storage entry.
+"""The ceph layer: the RBD pool for VM disks and K8s volumes, its PVE storage entry, and the
+Ceph CSI driver's client key.
 
-Reads: Ceph status (health, shown in the plan), the pool list and storage.cfg. Only fields
-that differ are sent; the pool's type of storage cannot change in place and is reported.
+Reads: Ceph status (health, shown in the plan), the pool list and storage.cfg through the PVE
+API; the client key through `ceph auth get` over SSH on a PVE host, because PVE's API has no
+endpoint for Ceph auth. Only fields that differ are sent; the pool's type of storage cannot
+change in place and is reported. The key's caps are rbd-only for the one pool, as ceph-csi's
+documentation asks (https://docs.ceph.com/en/latest/rbd/rbd-kubernetes/); the key itself
+never reaches the plan, a log or a command line.
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+from homelab.clients.ssh import Hosts, SshError, SshUnreachable
 from homelab.context import Run
 from homelab.errors import Conflict, ProxmoxError
 from homelab.inventory import Inventory
@@ -40,6 +47,95 @@ def actual_storage(entry: dict[str, Any]) -> dict[str, str]:
     krbd = entry.get("krbd")
     return {"type": str(entry.get("type")), "pool": str(entry.get("pool", "")), "content": content,
             "krbd": "1" if str(krbd) in ("1", "true") else "0"}
+
+
+CSI_USER = "kubernetes"
+
+
+def csi_entity(inv: Inventory) -> str:
+    return f"client.{CSI_USER}"
+
+
+def desired_caps(inv: Inventory) -> dict[str, str]:
+    """rbd-only caps for the pool (ceph-csi: mon 'profile rbd', osd and mgr 'profile rbd pool=...')."""
+    pool = inv.proxmox.ceph.pool
+    return {"mon": "profile rbd", "osd": f"profile rbd pool={pool}", "mgr": f"profile rbd pool={pool}"}
+
+
+def _caps_argv(caps: dict[str, str]) -> list[str]:
+    return [part for daemon in ("mon", "osd", "mgr") for part in (daemon, caps[daemon])]
+
+
+class CephAuth:
+    """`ceph auth` over SSH on the first PVE host that answers; one connection per run."""
+
+    def __init__(self, run: Run) -> None:
+        self.run = run
+        if run.pve_ssh is None:
+            target = run.target
+            run.pve_ssh = Hosts("root", target.ssh_private_key, target.known_hosts, guard=run.guard)
+        self.hosts: Hosts = run.pve_ssh
+        self._address: str | None = None
+
+    def _ceph(self, argv: list[str]) -> tuple[int, str, str]:
+        errors = []
+        override = self.run.target.proxmox.ssh_endpoint
+        addresses = ([self._address] if self._address else [f"{override[0]}:{override[1]}"] if override
+                     else [str(n.address) for n in self.run.inv.proxmox.nodes])
+        for address in addresses:
+            try:
+                done = self.hosts.run(address, ["ceph", *argv], check=False, timeout=60)
+            except SshUnreachable as exc:
+                errors.append(exc.message)
+                continue
+            self._address = address
+            return done.code, done.stdout, done.stderr
+        raise SshUnreachable("no PVE host answers SSH for `ceph auth`: " + "; ".join(errors),
+                             hint="the ceph layer runs `ceph auth` as root on a PVE host; check SSH access and "
+                                  "known_hosts (HOMELAB_KNOWN_HOSTS)")
+
+    def get(self, entity: str) -> dict[str, Any] | None:
+        """{"entity", "key", "caps"} of the entity, or None when Ceph has no such entity."""
+        code, out, err = self._ceph(["auth", "get", entity, "--format", "json"])
+        if code == 2 and "ENOENT" in err:
+            return None
+        if code != 0:
+            raise SshError(f"`ceph auth get {entity}` exited {code}: {err.strip()[-300:]}")
+        try:
+            entries = json.loads(out)
+        except ValueError:
+            raise SshError(f"`ceph auth get {entity}` printed no JSON") from None
+        entry = entries[0] if isinstance(entries, list) and entries else entries
+        if not isinstance(entry, dict) or "key" not in entry:
+            raise SshError(f"`ceph auth get {entity}` answered without a key")
+        return entry
+
+    def create(self, entity: str, caps: dict[str, str]) -> str:
+        code, out, err = self._ceph(["auth", "get-or-create", entity, *_caps_argv(caps), "--format", "json"])
+        if code != 0:
+            raise SshError(f"`ceph auth get-or-create {entity}` exited {code}: {err.strip()[-300:]}")
+        entry = json.loads(out)
+        entry = entry[0] if isinstance(entry, list) else entry
+        return str(entry["key"])
+
+    def set_caps(self, entity: str, caps: dict[str, str]) -> None:
+        code, _out, err = self._ceph(["auth", "caps", entity, *_caps_argv(caps)])
+        if code != 0:
+            raise SshError(f"`ceph auth caps {entity}` exited {code}: {err.strip()[-300:]}")
+
+    def remove(self, entity: str) -> None:
+        code, _out, err = self._ceph(["auth", "rm", entity])
+        if code != 0 and "ENOENT" not in err:
+            raise SshError(f"`ceph auth rm {entity}` exited {code}: {err.strip()[-300:]}")
+
+
+def csi_key(run: Run) -> str | None:
+    """The CSI client's key, read once per run (None when Ceph has no such client yet)."""
+    if "ceph_csi_key" not in run.memo:
+        entry = CephAuth(run).get(csi_entity(run.inv))
+        run.memo["ceph_csi_key"] = str(entry["key"]) if entry else None
+    value = run.memo["ceph_csi_key"]
+    return str(value) if value else None
 
 
 def _ceph_node(run: Run) -> str:
@@ -119,13 +215,42 @@ class CephLayer:
                                 apply=lambda: pve.write("put", f"/storage/{ceph.storage}", **send)))
             else:
                 plan.add(Change(LAYER, "storage", ceph.storage, "noop", f"rbd storage on pool {ceph.pool}"))
+        self._plan_key(run, plan)
         return plan
+
+    def _plan_key(self, run: Run, plan: LayerPlan) -> None:
+        """The Ceph CSI driver's client: rbd-only caps on the pool; its key is kept for the network layer."""
+        auth, entity, caps = CephAuth(run), csi_entity(run.inv), desired_caps(run.inv)
+        entry = auth.get(entity)
+        if entry is None:
+            run.memo["ceph_csi_key"] = None
+
+            def create() -> None:
+                run.memo["ceph_csi_key"] = auth.create(entity, caps)
+
+            plan.add(Change(LAYER, "auth", entity, "create", "Ceph CSI client key, rbd-only caps",
+                            tuple(FieldDiff(f"caps.{k}", None, v) for k, v in caps.items()), apply=create))
+            return
+        run.memo["ceph_csi_key"] = str(entry["key"])
+        have = {k: str(v) for k, v in (entry.get("caps") or {}).items()}
+        changed = diff({k: have.get(k, "(none)") for k in (*caps, *have)}, {**{k: "(none)" for k in have}, **caps})
+        if changed:
+            plan.add(Change(LAYER, "auth", entity, "update", "caps differ (the key stays)", changed,
+                            apply=lambda: auth.set_caps(entity, caps)))
+        else:
+            plan.add(Change(LAYER, "auth", entity, "noop", "exists with rbd-only caps on " + run.inv.proxmox.ceph.pool))
 
     def plan_down(self, run: Run) -> LayerPlan:
         inv, pve = run.inv, run.proxmox
         ceph = inv.proxmox.ceph
         node, _status, pools, storages = self._read(run)
         plan = LayerPlan(LAYER)
+        auth, entity = CephAuth(run), csi_entity(inv)
+        if auth.get(entity) is not None:
+            plan.add(Change(LAYER, "auth", entity, "delete", "remove the Ceph CSI client",
+                            apply=lambda: auth.remove(entity)))
+        else:
+            plan.add(Change(LAYER, "auth", entity, "noop", "absent"))
         if any(s.get("storage") == ceph.storage for s in storages):
             plan.add(Change(LAYER, "storage", ceph.storage, "delete", "remove the PVE storage entry",
                             apply=lambda: pve.write("delete", f"/storage/{ceph.storage}")))

@@ -208,7 +208,7 @@ class K3sLayer:
     def _hosts(self, run: Run) -> Hosts:
         if run.ssh is None:
             target = run.target
-            run.ssh = Hosts(run.inv.k3s.user, target.ssh_private_key, target.known_hosts)
+            run.ssh = Hosts(run.inv.k3s.user, target.ssh_private_key, target.known_hosts, guard=run.guard)
         return run.ssh
 
     def gather(self, run: Run, vms: Sequence[Vm], wait: bool = True) -> dict[str, NodeFacts]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Any
+from urllib.parse import urlsplit
 
 from homelab.clients.kube import COMPONENT, MANAGED_BY, Kube, contains, describe, identity
 from homelab.context import Run
@@ -23,7 +24,9 @@ BUILTIN_GROUPS = {"v1", "apps/v1", "batch/v1", "networking.k8s.io/v1", "storage.
 
 def kube(run: Run) -> Kube:
     if run.kube is None:
-        run.kube = Kube(kubeconfig_path(run), CONTEXT, operator_dir(run))
+        k = Kube(kubeconfig_path(run), CONTEXT, operator_dir(run))
+        run.guard(urlsplit(k.api.configuration.host).hostname or "")
+        run.kube = k
     return run.kube  # type: ignore[no-any-return]
 
 
@@ -59,10 +62,13 @@ def _short(value: Any) -> Any:
 
 
 class ManifestLayer:
-    def __init__(self, name: str, components: Sequence[str], render: Callable[[Run, str], Any]) -> None:
+    def __init__(self, name: str, components: Sequence[str], render: Callable[[Run, str], Any],
+                 late: Callable[[Run, dict[str, Any]], dict[str, Any]] | None = None) -> None:
         self.name = name
         self.components = tuple(components)
         self._render = render
+        # Fills in, at apply time, what only an earlier change of the same run can know (a new tunnel's token).
+        self._late = late
 
     def _selector(self) -> str:
         return f"{MANAGED_BY}=homelab,{COMPONENT} in ({','.join(self.components)})"
@@ -113,7 +119,7 @@ class ManifestLayer:
             k = kube(run)
             if obj["apiVersion"] not in BUILTIN_GROUPS:
                 k.wait_served([(obj["apiVersion"], obj["kind"])], run.progress, run.timeouts.k3s)
-            k.apply(obj)
+            k.apply(self._late(run, obj) if self._late else obj)
 
         return apply
 
@@ -193,12 +199,40 @@ def _condition(k: Kube, obj: dict[str, Any], kind: str) -> str | None:
     return f"no {kind} condition yet"
 
 
-def network_render(run: Run, component: str) -> Any:
-    """The network layer's manifests; secrets from the environment only, the Ceph fsid from PVE."""
+def target_secrets(run: Run) -> dict[str, str]:
+    """The render secrets the target holds (environment or lab state), by name."""
     from homelab import manifests
+
+    return {name: value for name in manifests.SECRET_ENV if (value := run.target.secret(name))}
+
+
+def render(run: Run, component: str) -> Any:
+    """A layer's manifests with the target's secrets (monitoring, apps)."""
+    from homelab import manifests
+
+    return manifests.render(run.inv, component=component, secrets=target_secrets(run),
+                            issuer=run.inv.network.cert_issuer)
+
+
+def network_render(run: Run, component: str) -> Any:
+    """The network layer's manifests: the Ceph fsid from PVE, the CSI client's key from the ceph layer."""
+    from homelab import manifests
+    from homelab.clients.ssh import SshError
+    from homelab.layers.ceph import csi_key
 
     if "ceph_fsid" not in run.memo:
         run.memo["ceph_fsid"] = run.proxmox.get("/cluster/ceph/status").get("fsid") or manifests.PLACEHOLDER_FSID
-    fsid = run.memo["ceph_fsid"]
-    return manifests.render(run.inv, component=component, secrets=manifests.secrets_from_env(), ceph_fsid=fsid,
-                            issuer=run.inv.network.cert_issuer)
+    secrets = target_secrets(run)
+    problem = None
+    if component == "ceph-csi":
+        try:
+            key = csi_key(run)
+        except SshError as exc:
+            problem, key = f"ceph-csi: cannot read client.kubernetes's key over SSH: {exc.message}", None
+        if key:
+            secrets[manifests.CEPH_KEY] = key
+    result = manifests.render(run.inv, component=component, secrets=secrets, ceph_fsid=run.memo["ceph_fsid"],
+                              issuer=run.inv.network.cert_issuer)
+    if problem:
+        result.warnings.insert(0, problem)
+    return result

@@ -104,6 +104,33 @@ def test_a_claim_binds_on_the_default_ceph_class(network: Result) -> None:
     assert result == {"phase": "Bound", "class": "ceph-rbd", "defaults": ["ceph-rbd"]}
 
 
+CSI_SECRET = """
+import base64, json
+from kubernetes import client, config
+config.load_kube_config(context="homelab")
+secret = client.CoreV1Api().read_namespaced_secret("csi-rbd-secret", "ceph-csi-rbd")
+print(json.dumps({k: base64.b64decode(v).decode() for k, v in secret.data.items()}))
+"""
+
+
+def test_the_csi_secret_holds_the_key_the_ceph_layer_made(built: Lab, network: Result) -> None:
+    """client.kubernetes exists on the PVE hosts with rbd-only caps, and ceph-csi's Secret holds its key."""
+    env = built.env
+    done = subprocess.run(["ip", "netns", "exec", layout.NETNS, "ssh", "-i", env["HOMELAB_SSH_PRIVATE_KEY"],
+                           "-o", "IdentitiesOnly=yes", "-o", f"UserKnownHostsFile={env['HOMELAB_KNOWN_HOSTS']}",
+                           "-o", "StrictHostKeyChecking=yes", "-o", "BatchMode=yes",
+                           f"root@{INV.proxmox.nodes[1].address}",
+                           "ceph auth get client.kubernetes --format json"],
+                          capture_output=True, text=True, timeout=60, check=False)
+    assert done.returncode == 0, done.stderr
+    entry = json.loads(done.stdout)[0]
+    assert entry["caps"] == {"mon": "profile rbd", "osd": "profile rbd pool=kubernetes",
+                             "mgr": "profile rbd pool=kubernetes"}
+    secret = in_lab(CSI_SECRET)
+    assert secret == {"userID": "kubernetes", "userKey": entry["key"]}
+    assert entry["key"] not in network.text  # never printed by the run
+
+
 HTTPS = """
 import http.client, json, socket, ssl, time, urllib.request
 from kubernetes import client, config

@@ -18,6 +18,7 @@ from homelab import inventory, pipeline
 from homelab.context import Run, Timeouts
 from homelab.inventory import Inventory
 from homelab.lab.pve import LabPve
+from homelab.lab.pvessh import LabPveSsh
 from homelab.lab.serving import Background
 from homelab.target import ProxmoxAccess, Secret, Target
 from homelab.wait import Progress
@@ -31,6 +32,21 @@ HOST = "127.0.0.1"
 TOKEN_ID, TOKEN_SECRET = "root@pam!homelab", "unit-test-token-secret"
 PROXMOX_LAYERS = ["ceph", "sdn", "vms"]
 SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHomelabUnitTestKeyHomelabUnitTestKey01 operator@test"
+
+
+@pytest.fixture(scope="session")
+def ssh_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
+    """An operator key pair for SSH to the PVE hosts: (private key file, public key line)."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric import ed25519
+
+    key = ed25519.Ed25519PrivateKey.generate()
+    path = tmp_path_factory.mktemp("operator-ssh") / "id_ed25519"
+    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                       serialization.NoEncryption()))
+    path.chmod(0o600)
+    public = key.public_key().public_bytes(serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH)
+    return path, public.decode() + " operator@test"
 
 
 @pytest.fixture(scope="session")
@@ -48,10 +64,14 @@ class Cluster:
     cafile: str
     key_path: Path
     inv: Inventory
+    ssh: LabPveSsh
+    ssh_key: Path
+    known_hosts: Path
 
     def run(self, inv: Inventory | None = None, agent_timeout: float = 20.0) -> Run:
-        target = Target("lab", ProxmoxAccess(TOKEN_ID, Secret(TOKEN_SECRET), self.cafile, (HOST, self.pve.port)),
-                        ssh_public_key=self.key_path)
+        target = Target("lab", ProxmoxAccess(TOKEN_ID, Secret(TOKEN_SECRET), self.cafile, (HOST, self.pve.port),
+                                             ssh_endpoint=(HOST, self.ssh.port)),
+                        ssh_public_key=self.key_path, ssh_private_key=self.ssh_key, known_hosts=self.known_hosts)
         out = Console(file=io.StringIO(), width=200, highlight=False, soft_wrap=True)
         return Run(inv or self.inv, target, out, Progress(out), Timeouts(task=60, guest_agent=agent_timeout))
 
@@ -70,7 +90,7 @@ class Cluster:
 
 
 @pytest.fixture
-def cluster(pki: tuple[str, str], tmp_path: Path) -> Iterator[Cluster]:
+def cluster(pki: tuple[str, str], ssh_pair: tuple[Path, str], tmp_path: Path) -> Iterator[Cluster]:
     inv = inventory.load()
     pve = LabPve(host=HOST, port=0, node_ips={n.name: str(n.address) for n in inv.proxmox.nodes},
                  simulate_guests=True)
@@ -80,9 +100,15 @@ def cluster(pki: tuple[str, str], tmp_path: Path) -> Iterator[Cluster]:
     loop.run(pve.start(*pki))
     key = tmp_path / "id_ed25519.pub"
     key.write_text(SSH_KEY + "\n", encoding="utf-8")
+    (tmp_path / "pve-ssh").mkdir(mode=0o700)
+    ssh = LabPveSsh(pve, ssh_pair[1], tmp_path / "pve-ssh" / "host_key")
+    ssh.start([HOST], 0)
+    known_hosts = tmp_path / "known_hosts"
+    known_hosts.write_text("\n".join(ssh.known_hosts_lines()) + "\n", encoding="utf-8")
     try:
-        yield Cluster(pve, loop, pki[0], key, inv)
+        yield Cluster(pve, loop, pki[0], key, inv, ssh, ssh_pair[0], known_hosts)
     finally:
+        ssh.stop()
         loop.run(pve.stop())
         loop.close()
 

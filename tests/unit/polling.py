@@ -9,7 +9,7 @@ from typing import Any
 from kubernetes.client.exceptions import ApiException
 
 
-def wait_for(what: str, check: Callable[[], Any], timeout: float = 8.0) -> Any:
+def wait_for(what: str, check: Callable[[], Any], timeout: float = 20.0) -> Any:
     deadline = time.monotonic() + timeout
     while True:
         try:

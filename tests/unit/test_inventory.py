@@ -308,6 +308,10 @@ CASES: list[Any] = [
      ("network.metallb_pool", "192.168.7.300", "not an address range")),
     ("traefik-outside-pool", setting("network.traefik", "192.168.7.240"),
      ("network.traefik", "192.168.7.240", "not in the MetalLB pool 192.168.7.230-192.168.7.231")),
+    ("internal-dns-outside-pool", setting("network.internal_dns", "192.168.7.240"),
+     ("network.internal_dns", "192.168.7.240", "internal DNS", "not in the MetalLB pool")),
+    ("internal-dns-is-traefik", setting("network.internal_dns", "192.168.7.230"),
+     ("network.traefik, network.internal_dns", "both have 192.168.7.230")),
     # Networks disjoint; cluster DNS and SDN gateway inside their networks.
     ("pod-overlaps-service", setting("network.service_cidr", "10.42.128.0/17"),
      ("10.42.0.0/16 (network.pod_cidr)", "10.42.128.0/17 (network.service_cidr)", "overlap")),

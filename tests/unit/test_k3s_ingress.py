@@ -103,6 +103,9 @@ def test_traefik_address_serves_https_and_redirects_http(cluster: tuple[ServerHa
         "spec": {"defaultCertificate": {"secretName": "wildcard-tls"}}})
     core.create_namespaced_service("kube-system", {"metadata": {"name": "app"}, "spec": {
         "selector": {"app": "app"}, "ports": [{"name": "http", "port": 8080}]}})
+    client.AppsV1Api(api).create_namespaced_deployment("kube-system", {
+        "metadata": {"name": "app"}, "spec": {"selector": {"matchLabels": {"app": "app"}}, "template": {
+            "metadata": {"labels": {"app": "app"}}, "spec": {"containers": [{"name": "app", "image": "app:1"}]}}}})
     client.NetworkingV1Api(api).create_namespaced_ingress("kube-system", {
         "metadata": {"name": "app"}, "spec": {
             "ingressClassName": "traefik",
@@ -131,7 +134,7 @@ def test_traefik_address_serves_https_and_redirects_http(cluster: tuple[ServerHa
         if host == "app.int.jigga.xyz":
             assert status == 200
             doc = json.loads(body)
-            assert doc["ingress"] == "kube-system/app" and doc["host"] == host and doc["status"] == "ok"
+            assert doc["path"] == "/healthz" and doc["method"] == "GET"
             assert doc["service"] == {"namespace": "kube-system", "name": "app", "port": 8080}
         else:
             assert status == 404  # covered by the TLSStore's default certificate, but no rule

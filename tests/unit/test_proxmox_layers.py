@@ -11,12 +11,11 @@ import urllib.parse
 from collections.abc import Callable
 from typing import Any
 
-import pytest
-
 from homelab import pipeline
 from homelab.context import Run
 from homelab.inventory import Inventory
 from homelab.lab.pve import LabPve
+from homelab.lab.pvessh import CephAuth
 
 from .conftest import SSH_KEY, Cluster, output
 
@@ -52,6 +51,12 @@ def test_converges_a_bare_cluster_to_the_inventory(cluster: Cluster) -> None:
     assert "rbd" in pool["application_metadata"]
     storage = pve.storages["kubernetes"]
     assert (storage["type"], storage["pool"], storage["content"]) == ("rbd", "kubernetes", "images")
+    # The Ceph CSI client, made over SSH (`ceph auth get-or-create`): rbd-only caps on the pool.
+    client = CephAuth.of(pve).get("client.kubernetes")
+    assert client is not None
+    assert client.caps == {"mon": "profile rbd", "osd": "profile rbd pool=kubernetes",
+                           "mgr": "profile rbd pool=kubernetes"}
+    assert run.memo["ceph_csi_key"] == client.key and client.key not in text  # kept for ceph-csi, never shown
 
     zone = pve.sdn_running["zones"]["k3s"]
     assert zone["type"] == "vxlan"
@@ -287,17 +292,36 @@ def test_flaky_network_is_retried_or_reported_and_reruns_converge(cluster: Clust
         assert cluster.vm(vm.name).status == "running"
 
 
-@pytest.mark.parametrize("name", ["access", "monitoring", "apps"])
-def test_unbuilt_layers_say_so(cluster: Cluster, name: str) -> None:
+def test_unbuilt_layers_say_so(cluster: Cluster) -> None:
     run = cluster.run()
-    outcome = pipeline.execute(run, "up", [name], dry_run=False)
+    registry = {"later": pipeline.NotBuiltLayer("later", "issue 99")}
+    outcome = pipeline.execute(run, "up", ["later"], dry_run=False, registry=registry)
     assert outcome.rows[0].status == "not built"
-    assert "not built yet" in output(run)
+    assert "not built yet (issue 99)" in output(run)
 
 
 def test_down_passes_over_unbuilt_layers(converged: Cluster) -> None:
     run = converged.run()
-    outcome = pipeline.execute(run, "down", ["vms", "access", "apps"], dry_run=False)
+    registry = {**pipeline.layers(), "later": pipeline.NotBuiltLayer("later", "issue 99")}
+    outcome = pipeline.execute(run, "down", ["vms", "later"], dry_run=False, registry=registry)
     rows = {r.layer: r.status for r in outcome.rows}
-    assert rows == {"apps": "not built", "access": "not built", "vms": "ok"}, output(run)
+    assert rows == {"later": "not built", "vms": "ok"}, output(run)
     assert converged.pve.vms == []
+
+
+def test_csi_client_caps_drift_is_fixed_and_down_removes_the_client(converged: Cluster) -> None:
+    auth = CephAuth.of(converged.pve)
+    before = auth.get("client.kubernetes")
+    assert before is not None
+    with auth.lock:  # someone widened the caps by hand
+        auth.entities["client.kubernetes"].caps = {"mon": "allow *", "osd": "allow *"}
+    outcome, run = converged.up(layers=["ceph"])
+    assert ("ceph", "auth", "client.kubernetes", "update") in actions(outcome), output(run)
+    after = auth.get("client.kubernetes")
+    assert after is not None and after.key == before.key  # the key stays; the caps are the inventory's again
+    assert after.caps == {"mon": "profile rbd", "osd": "profile rbd pool=kubernetes",
+                          "mgr": "profile rbd pool=kubernetes"}
+
+    run = converged.run()
+    pipeline.execute(run, "down", ["ceph", "sdn", "vms"], dry_run=False)
+    assert auth.get("client.kubernetes") is None, output(run)

@@ -7,6 +7,7 @@ The thread wakes on every store change (and resyncs every RESYNC seconds) and re
 - lb: LoadBalancer IPAM after MetalLB, from metallb.io/v1beta1 IPAddressPools (only while that CRD exists).
 - certs: cert-manager.io/v1 Certificates issued by a per-issuer CA of the stand-in (see certs.py).
 - volumes: PersistentVolumeClaims provisioned when their StorageClass's provisioner has a CSIDriver object.
+- workloads: Deployments applied as manifests turn Ready when what their pods mount exists (workloads.py).
 - ingress: an ingress controller double on the LoadBalancer addresses this node announces (see ingress.py).
 """
 
@@ -28,10 +29,15 @@ from typing import Any
 import yaml
 
 from .api import Api, ApiError, WriteOptions, rfc3339
+from .apps import APP_ANNOTATION, HEALTH_ANNOTATION, load_apps
 from .certs import CertificateController
+from .dnsgateway import DnsGateway
 from .ingress import IngressBind, IngressController, charts_dir, load_index
 from .log import Log
 from .resources import ResourceType
+from .tsoperator import TailscaleOperator
+from .tunnel import TunnelController
+from .workloads import WorkloadController
 
 JSONObj = dict[str, Any]
 LbHook = Callable[[str, str, bool], None]
@@ -182,6 +188,10 @@ class Controllers:
         self.announced: dict[str, str] = {}  # ip -> namespace/name
         self.certs = CertificateController(self, data_dir / "server" / "tls" / "standin-acme")
         self.ingress = IngressController(self, data_dir, env, ingress_bind)
+        self.tunnels = TunnelController(self, env)
+        self.tsoperator = TailscaleOperator(self, env)
+        self.dnsgateway = DnsGateway(self, env)
+        self.workloads = WorkloadController(self)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._errors: dict[str, str] = {}
@@ -191,6 +201,7 @@ class Controllers:
         self.api.public_routes["/standin/acme-roots"] = self.certs.roots_response
         self._thread = threading.Thread(target=self._loop, name="k3s-standin-controllers", daemon=True)
         self._thread.start()
+        self.tsoperator.start()
 
     def stop(self) -> None:
         self._stop.set()
@@ -199,6 +210,9 @@ class Controllers:
         if self._thread is not None:
             self._thread.join(timeout=10)
         self.ingress.stop()
+        self.tsoperator.stop()
+        self.dnsgateway.stop()
+        self.tunnels.stop()
         for ip, svc in sorted(self.announced.items()):
             self._announce(ip, svc, False)
         self.announced.clear()
@@ -223,7 +237,9 @@ class Controllers:
     def reconcile(self) -> None:
         for name, step in (("helm", self.reconcile_helm), ("lb", self.reconcile_lb),
                            ("certificates", self.certs.reconcile), ("volumes", self.reconcile_volumes),
-                           ("ingress", self.ingress.reconcile)):
+                           ("workloads", self.workloads.reconcile),
+                           ("ingress", self.ingress.reconcile), ("tailscale-operator", self.tsoperator.reconcile),
+                           ("dns-gateway", self.dnsgateway.reconcile), ("tunnels", self.tunnels.reconcile)):
             try:
                 step()
                 self._errors.pop(name, None)
@@ -397,6 +413,7 @@ class Controllers:
                              f'ReplicaSet "{name}" has successfully progressed.', old_conds),
                      "lastUpdateTime": stamp}]}, "kube-controller-manager")
         self._helm_service(chart, values, target, labels, annotations, selector)
+        self._helm_app_services(chart, values, target, labels, annotations, selector)
         if not (job.get("status") or {}).get("succeeded"):
             self._job_status(job_rt, job)
         self.set_status(chart_rt, chart, {"jobName": job_name, "conditions": [
@@ -446,6 +463,31 @@ class Controllers:
                 if spec["type"] in ("NodePort", "LoadBalancer") and node_ports.get(p["port"]):
                     p["nodePort"] = node_ports[p["port"]]
             self.update(svc_rt, current, new, "helm")
+
+    def _helm_app_services(self, chart: JSONObj, values: JSONObj, target: str, labels: dict[str, str],
+                           annotations: dict[str, str], selector: dict[str, str]) -> None:
+        """The Services the real chart makes that our manifests reference (charts/apps.json "services"),
+        named as the chart names them ({fullname}: values.fullnameOverride, else the release name), each
+        marked with the app it serves and that app's health path for the app doubles."""
+        entries = (load_apps(charts_dir(self.env)).get("services") or {}).get(_chart_name(chart.get("spec") or {}))
+        if not entries:
+            return
+        release = chart["metadata"]["name"]
+        fullname = values.get("fullnameOverride") if isinstance(values.get("fullnameOverride"), str) else None
+        svc_rt = self.must_rt("", "v1", "services")
+        for entry in entries:
+            name = str(entry.get("name") or "{fullname}").format(fullname=fullname or release, release=release)
+            port = int(entry.get("port") or 80)
+            marks = {APP_ANNOTATION: str(entry.get("app") or ""), HEALTH_ANNOTATION: str(entry.get("health") or "/")}
+            current = self.store.get(svc_rt.storage_key, target, name)
+            if current is not None and name == release:  # the release's own Service: mark it only
+                self.ensure(svc_rt, {"metadata": {"name": name, "namespace": target, "annotations": marks}}, "helm")
+                continue
+            self.ensure(svc_rt, {"metadata": {"name": name, "namespace": target, "labels": labels,
+                                              "annotations": {**annotations, **marks}},
+                                 "spec": {"type": "ClusterIP", "selector": selector, "ports": [
+                                     {"name": "http", "port": port, "targetPort": port, "protocol": "TCP"}]}},
+                        "helm")
 
     def _chart_crds(self, chart: str) -> None:
         """Install the cluster-scoped objects the chart ships (CRDs, CSI drivers), from the lab's chart

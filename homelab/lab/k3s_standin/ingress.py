@@ -40,14 +40,25 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from .apps import AppDoubles
+
 if TYPE_CHECKING:
     from .controllers import Controllers
 
 JSONObj = dict[str, Any]
 IngressBind = Callable[[str, int], tuple[str, int]]
 INSTANCE_LABEL = "app.kubernetes.io/instance"
-HEALTH_PATHS = ("/healthz", "/api/health", "/alive", "/ping")
 NOT_FOUND = b"404 page not found\n"
+
+
+def _sans(pem: bytes) -> list[str]:
+    """The DNS names of a PEM certificate's SAN extension ([] when it has none or does not parse)."""
+    try:
+        cert = x509.load_pem_x509_certificate(pem)
+        return [str(n) for n in cert.extensions.get_extension_for_class(
+            x509.SubjectAlternativeName).value.get_values_for_type(x509.DNSName)]
+    except (ValueError, x509.ExtensionNotFound):
+        return []
 
 
 def charts_dir(env: Mapping[str, str]) -> Path:
@@ -185,8 +196,7 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _serve(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
-        if length:
-            self.rfile.read(min(length, 1 << 20))
+        payload = self.rfile.read(min(length, 1 << 20)) if length else b""
         host = (self.headers.get("Host") or self.release.ip).strip()
         host = host.rsplit(":", 1)[0] if not host.endswith("]") and host.count(":") == 1 else host
         owner = self.release.owner
@@ -204,12 +214,8 @@ class _Handler(BaseHTTPRequestHandler):
         if found is None:
             self._send(404, NOT_FOUND, "text/plain; charset=utf-8")
             return
-        body: JSONObj = {"ingress": found["ingress"], "host": host, "path": path, "method": self.command,
-                         "scheme": "https" if self.tls else "http", "service": found["service"],
-                         "served_by": self.release.service}
-        if path in HEALTH_PATHS:
-            body["status"] = "ok"
-        self._send(200, json.dumps(body).encode(), "application/json")
+        status, body, content_type = owner.apps.respond(found["service"], self.command, path, payload)
+        self._send(status, body, content_type, {"X-Standin-Ingress": found["ingress"]})
 
     do_GET = do_HEAD = do_POST = do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _serve
 
@@ -220,6 +226,7 @@ class IngressController:
         self.ctl, self.env = ctl, env
         self.bind_hook = bind
         self.tls_dir = data_dir / "server" / "tls" / "standin-ingress"
+        self.apps = AppDoubles(self, data_dir, charts_dir(env))
         self.releases: dict[tuple[str, str], Release] = {}  # (ip, ns/name) -> listeners
         self.bound: dict[tuple[str, int], int] = {}  # (LB ip, Service port) -> the port actually listened on
         self._contexts: dict[str, ssl.SSLContext] = {}
@@ -417,7 +424,14 @@ class IngressController:
         if store:
             obj = self._get(str(store.get("group")), str(store.get("version")), str(store.get("plural")),
                             release.namespace, str(store.get("name") or "default"))
-            secret = ((obj or {}).get("spec") or {}).get("defaultCertificate", {}).get("secretName")
+            spec = (obj or {}).get("spec") or {}
+            # Traefik picks among the store's certificates by SAN for the SNI, then its default.
+            if sni:
+                for entry in spec.get("certificates") or []:
+                    pair = self._secret_pair(release.namespace, str((entry or {}).get("secretName") or ""))
+                    if pair is not None and any(host_matches(san, sni) for san in _sans(pair[0])):
+                        return self._context(*pair)
+            secret = (spec.get("defaultCertificate") or {}).get("secretName")
             if secret:
                 pair = self._secret_pair(release.namespace, str(secret))
                 if pair is not None:
