@@ -19,12 +19,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric import ed25519
 from fakepve.certs import make_cert
 from rich.console import Console
 
 from homelab import inventory, pipeline
 from homelab.context import Run, Timeouts
 from homelab.lab.pve import LabPve
+from homelab.lab.pvessh import LabPveSsh
 from homelab.lab.serving import Background
 from homelab.target import ProxmoxAccess, Secret, Target
 from homelab.wait import Progress
@@ -49,7 +52,22 @@ def main() -> int:
         pve.apitokens[TOKEN_ID] = secret
         loop = Background()
         loop.run(pve.start(cert, key))
-        target = Target("lab", ProxmoxAccess(TOKEN_ID, Secret(secret), cert, ("127.0.0.1", pve.port)), pubkey)
+        # SSH on the PVE host for `ceph auth` (the CSI client key), with an operator key pair of its own.
+        private = Path(tmp) / "id_ed25519"
+        operator = ed25519.Ed25519PrivateKey.generate()
+        private.write_bytes(operator.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.OpenSSH,
+                                                   serialization.NoEncryption()))
+        private.chmod(0o600)
+        line = operator.public_key().public_bytes(serialization.Encoding.OpenSSH,
+                                                  serialization.PublicFormat.OpenSSH).decode()
+        (Path(tmp) / "ssh").mkdir(mode=0o700)
+        ssh = LabPveSsh(pve, line + " bench", Path(tmp) / "ssh" / "host_key")
+        ssh.start(["127.0.0.1"], 0)
+        known = Path(tmp) / "known_hosts"
+        known.write_text("\n".join(ssh.known_hosts_lines()) + "\n", encoding="utf-8")
+        target = Target("lab", ProxmoxAccess(TOKEN_ID, Secret(secret), cert, ("127.0.0.1", pve.port),
+                                             ssh_endpoint=("127.0.0.1", ssh.port)), pubkey,
+                        ssh_private_key=private, known_hosts=known)
 
         def once() -> tuple[float, int, int, dict[str, int]]:
             out = Console(file=io.StringIO(), width=200)
@@ -60,6 +78,7 @@ def main() -> int:
             if outcome.failed:
                 raise SystemExit(out.file.getvalue())  # type: ignore[attr-defined]
             changes = sum(r.changed for r in outcome.rows)
+            run.close()
             return seconds, run.api_requests(), changes, dict(run.proxmox.stats.requests)
 
         try:
@@ -73,6 +92,7 @@ def main() -> int:
             print(f"no-op median {statistics.median(times):.3f} s, max {max(times):.3f} s "
                   f"(in-process; add the interpreter start of `invoke` for the CLI)")
         finally:
+            ssh.stop()
             loop.run(pve.stop())
             loop.close()
     return 0

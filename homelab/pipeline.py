@@ -47,7 +47,7 @@ class NotBuiltLayer:
 
 
 def layers() -> dict[str, Layer]:
-    from homelab.layers import access, ceph, k3s, kubernetes, sdn, vms
+    from homelab.layers import access, ceph, k3s, kubernetes, sdn, vault, vms
     from homelab.manifests import LAYERS
 
     return {
@@ -58,7 +58,7 @@ def layers() -> dict[str, Layer]:
         "network": kubernetes.ManifestLayer("network", LAYERS["network"], kubernetes.network_render),
         "access": access.AccessLayer(),
         "monitoring": kubernetes.ManifestLayer("monitoring", LAYERS["monitoring"], kubernetes.render),
-        "apps": kubernetes.ManifestLayer("apps", LAYERS["apps"], kubernetes.render),
+        "apps": vault.AppsLayer(),
     }
 
 
@@ -158,8 +158,12 @@ def recap(run: Run, rows: list[Row], dry_run: bool) -> None:
     """Ansible-style recap: one line per layer with changed, unchanged, failed and seconds."""
     out = run.console
     title = "PLAN RECAP" if dry_run else "RECAP"
+    outside = "".join(f", {int(client.calls)} {label} API requests"
+                      for key, label in (("cloudflare", "Cloudflare"), ("tailscale", "Tailscale"))
+                      if (client := run.memo.get(key)) is not None)
     out.print(f"\n[bold]{title}[/] (target {run.target.name}, {run.api_requests()} Proxmox API requests, "
-              f"{run.ssh_connections()} SSH connections, {run.kube_requests()} Kubernetes API requests)")
+              f"{run.ssh_connections()} SSH connections, {run.kube_requests()} Kubernetes API requests"
+              f"{outside})")
     for r in rows:
         verb = "to change" if dry_run else "changed"
         if r.status in ("ok", "planned", "failed"):

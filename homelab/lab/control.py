@@ -159,6 +159,22 @@ def bridge_addresses(inv: Inventory) -> list[str]:
     return [f"{a}/{prefix}" for a in dict.fromkeys(wanted)]
 
 
+def gitops_snapshot(inv: Inventory) -> bytes:
+    """charts/gitops.json: what Argo CD would find at the inventory's repository and path, read from this
+    checkout (the lab cannot reach the repository's host): {repo_url: {path: [objects]}}."""
+    import yaml
+
+    folder = Path(__file__).resolve().parents[2] / inv.gitops.path
+    files = sorted(folder.glob("*.yaml")) if folder.is_dir() else []
+    kustomization = folder / "kustomization.yaml"
+    if kustomization.is_file():
+        listed = (yaml.safe_load(kustomization.read_text(encoding="utf-8")) or {}).get("resources") or []
+        files = [folder / str(name) for name in listed]
+    objects = [doc for path in files for doc in yaml.safe_load_all(path.read_text(encoding="utf-8"))
+               if isinstance(doc, dict)]
+    return json.dumps({inv.gitops.repo_url: {inv.gitops.path: objects}}, sort_keys=True).encode()
+
+
 def outside_json(ca_pem: str) -> bytes:
     """charts/outside.json for the stand-in: where the Cloudflare edge is, and the CA the outside world's
     TLS is signed by (the Tailscale API's too)."""
@@ -190,7 +206,8 @@ def up(inv: Inventory, out: Console, timeout: float = 60.0) -> bool:
     layout.STATE.mkdir(mode=0o700, parents=True, exist_ok=True)
     (layout.STATE / "pki").mkdir(mode=0o700, exist_ok=True)
     ca_pem, _ = pki.make_ca(layout.STATE / "pki")
-    extra = {"charts/outside.json": outside_json(ca_pem.read_text(encoding="utf-8"))}
+    extra = {"charts/outside.json": outside_json(ca_pem.read_text(encoding="utf-8")),
+             "charts/gitops.json": gitops_snapshot(inv)}
     for version in release_versions(inv):
         with progress.waiting(f"the k3s stand-in release {version} (vendoring from PyPI the first time)"):
             release.build(version, rootfs.CACHE / "releases", cache=rootfs.CACHE, extra=extra)

@@ -125,9 +125,9 @@ class AccessLayer:
 
     def plan_up(self, run: Run) -> LayerPlan:
         inv = run.inv
-        cf, ts = cloudflare(run), tailscale(run)
-        account = account_id(run)
+        cf, account = cloudflare(run), account_id(run)
         check = cf.require(inv.domains.public.name, account)  # before any change, every missing one named
+        ts = tailscale(run)
         ts.require(*TS_SCOPES)
         plan = LayerPlan(LAYER)
         if check.unverified:

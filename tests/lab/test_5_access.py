@@ -7,10 +7,13 @@ resolver and the Cloudflare edge, internal names through a tailnet client's reso
 from __future__ import annotations
 
 import json
+import stat
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
+
+from homelab.lab import layout
 
 from .conftest import INV, Lab, Result, invoke
 from .test_3_k3s import in_lab
@@ -110,10 +113,19 @@ def test_public_apps_through_the_tunnel_and_internal_apps_through_tailscale(home
         else:
             assert entry["public"] == "NXDOMAIN", entry  # no internal name in the public view
             assert entry["tailnet"] == [str(INV.network.traefik)], entry  # split DNS -> k8s_gateway -> Traefik
-            assert entry["https"]["status"] in (200, 501), entry  # Vault: 501 until initialised
+            assert entry["https"]["status"] == 200, entry  # Vault too: the apps layer initialised and unsealed it
             assert "status" not in entry["via_edge"] or entry["via_edge"]["status"] != 200, entry  # refused publicly
     assert '"database": "ok"' in found["grafana.int.jigga.xyz"]["https"]["body"]
     assert found["argocd.int.jigga.xyz"]["https"]["body"] == "ok"
+
+
+def test_vaults_keys_are_kept_private_and_never_printed(homelab: Result) -> None:
+    keys = layout.STATE / "operator" / "vault-init.json"
+    assert stat.S_IMODE(keys.stat().st_mode) == 0o600
+    stored = json.loads(keys.read_text(encoding="utf-8"))
+    assert len(stored["keys_base64"]) == 5 and stored["root_token"]
+    for secret in [*stored["keys_base64"], stored["root_token"]]:
+        assert secret not in homelab.text
 
 
 def test_down_removes_the_access_layer_including_cloudflare(homelab: Result) -> None:

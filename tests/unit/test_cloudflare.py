@@ -335,3 +335,33 @@ def test_dns_sync_keeps_a_labdns_view_equal_to_the_public_answers(tls: tuple[str
             assert view.get("app.jigga.xyz", "A") == []
     finally:
         loop.run(api.stop())
+
+
+# ------------------------------------------------------------------------------ the access layer
+
+@pytest.mark.parametrize("self_read", [False, True], ids=["zone-permissions", "token-policies"])
+def test_access_layer_stops_before_any_change_without_dns_edit(lab: Lab, tmp_path: Path, self_read: bool) -> None:
+    """`invoke up --only access` with a token lacking DNS Edit: the layer fails naming the permission,
+    and neither Cloudflare nor anything else saw a write (the check runs before every other read)."""
+    import io
+
+    from rich.console import Console
+
+    from homelab import inventory, pipeline
+    from homelab.context import Run
+    from homelab.target import ProxmoxAccess, Secret, Target
+    from homelab.wait import Progress
+
+    extra = ("API Tokens Read",) if self_read else ()
+    token = lab.token("nodns", ("Zone Read", "DNS Read", "Cloudflare Tunnel Write", *extra), zones=[ZONE])
+    target = Target("lab", ProxmoxAccess("root@pam!x", Secret("unused"), True, ("127.0.0.1", 1)),
+                    ssh_public_key=tmp_path / "k.pub", cloudflare_api=lab.api.url, outside_ca=lab.ca,
+                    secrets={"CLOUDFLARE_API_TOKEN": Secret(token), "CLOUDFLARE_ACCOUNT_ID": Secret(lab.account),
+                             "TS_OAUTH_CLIENT_ID": Secret("k123"), "TS_OAUTH_CLIENT_SECRET": Secret("s")})
+    out = Console(file=io.StringIO(), width=200, highlight=False, soft_wrap=True)
+    run = Run(inventory.load(), target, out, Progress(out))
+    outcome = pipeline.execute(run, "up", ["access"], dry_run=False)
+    text = out.file.getvalue()  # type: ignore[attr-defined]
+    assert outcome.rows[0].status == "failed", text
+    assert "Zone DNS Edit (zone jigga.xyz)" in text
+    assert lab.api.writes == 0 and token not in text

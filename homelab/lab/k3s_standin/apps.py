@@ -223,13 +223,14 @@ class AppDoubles:
         if fault.isdigit():
             return _text(int(fault), f"{fault} (lab fault)")
         if app == "vault" and path.startswith("/v1/"):
-            return self._vault(backend).handle(method, path, body)
+            # Vault's storage lives on its volume: a reinstalled Vault (a new Service) starts uninitialised.
+            return self._vault({**backend, "uid": service["metadata"].get("uid", "")}).handle(method, path, body)
         if app and health and path == health:
             return health_reply(app, path)
         return _json(200, {"app": app, "path": path, "method": method, "service": backend})
 
     def _vault(self, backend: JSONObj) -> Vault:
-        key = f"{backend['namespace']}-{backend['name']}"
+        key = f"{backend['namespace']}-{backend['name']}" + (f"-{backend['uid'][:8]}" if backend.get("uid") else "")
         with self._lock:
             if key not in self._vaults:
                 self._vaults[key] = Vault(self.data_dir / "server" / "standin-apps" / f"vault-{key}.json")

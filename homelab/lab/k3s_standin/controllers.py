@@ -7,6 +7,7 @@ The thread wakes on every store change (and resyncs every RESYNC seconds) and re
 - lb: LoadBalancer IPAM after MetalLB, from metallb.io/v1beta1 IPAddressPools (only while that CRD exists).
 - certs: cert-manager.io/v1 Certificates issued by a per-issuer CA of the stand-in (see certs.py).
 - volumes: PersistentVolumeClaims provisioned when their StorageClass's provisioner has a CSIDriver object.
+- argocd: Applications sync from the lab's snapshot of their repository (argocd.py).
 - workloads: Deployments applied as manifests turn Ready when what their pods mount exists (workloads.py).
 - ingress: an ingress controller double on the LoadBalancer addresses this node announces (see ingress.py).
 """
@@ -30,6 +31,7 @@ import yaml
 
 from .api import Api, ApiError, WriteOptions, rfc3339
 from .apps import APP_ANNOTATION, HEALTH_ANNOTATION, load_apps
+from .argocd import ArgoCd
 from .certs import CertificateController
 from .dnsgateway import DnsGateway
 from .ingress import IngressBind, IngressController, charts_dir, load_index
@@ -192,6 +194,7 @@ class Controllers:
         self.tsoperator = TailscaleOperator(self, env)
         self.dnsgateway = DnsGateway(self, env)
         self.workloads = WorkloadController(self)
+        self.argocd = ArgoCd(self, charts_dir(env))
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self._errors: dict[str, str] = {}
@@ -237,7 +240,7 @@ class Controllers:
     def reconcile(self) -> None:
         for name, step in (("helm", self.reconcile_helm), ("lb", self.reconcile_lb),
                            ("certificates", self.certs.reconcile), ("volumes", self.reconcile_volumes),
-                           ("workloads", self.workloads.reconcile),
+                           ("workloads", self.workloads.reconcile), ("argocd", self.argocd.reconcile),
                            ("ingress", self.ingress.reconcile), ("tailscale-operator", self.tsoperator.reconcile),
                            ("dns-gateway", self.dnsgateway.reconcile), ("tunnels", self.tunnels.reconcile)):
             try:
