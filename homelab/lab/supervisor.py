@@ -64,6 +64,7 @@ class Supervisor:
         self.dns: Any = None
         self.mirror: Any = None
         self.pve_ssh: Any = None
+        self.control: Any = None  # the fault switches' control socket (homelab/lab/faultctl.py)
         self.outside: list[Any] = []
         self.secrets = secrets
         self._known_hosts_lock = threading.Lock()
@@ -192,6 +193,7 @@ class Supervisor:
                                       str(pki / "pve.pem"), str(pki / "pve.key"))
             log.info("PVE API at %s, port %s", ", ".join(self.config["pve_nodes"].values()),
                      self.config["api_port"])
+            self.control = await _start_control(self.pve, self.state)
             self.pve_ssh = await loop.run_in_executor(None, self._start_pve_ssh)
             self.dns = await _start_dns(self.config)
             if self.config.get("outside"):
@@ -220,6 +222,8 @@ class Supervisor:
             await self.dns.stop()
         if self.mirror is not None:
             await self.mirror.stop()
+        if self.control is not None:
+            await self.control.stop()
         await self.pve.stop()
         self.pool.shutdown(wait=True)
         self._write_status()
@@ -235,6 +239,20 @@ async def _start_dns(config: dict[str, Any]) -> Any:
     await dns.start([(address, 53, "internal") for address in config["dns_listen"]])
     log.info("DNS at %s for %s", ", ".join(config["dns_listen"]), ", ".join(config["dns_zones"]))
     return dns
+
+
+async def _start_control(pve: Any, state: Path) -> Any:
+    """`invoke lab.fault`'s switches for the PVE state (root only); the lab runs without them if this fails."""
+    from homelab.lab.faultctl import SOCKET, ControlServer
+
+    server = ControlServer(pve, state / SOCKET)
+    try:
+        await server.start()
+    except OSError as exc:
+        log.error("no control socket for lab faults at %s: %s", state / SOCKET, exc)
+        return None
+    log.info("fault control socket at %s", state / SOCKET)
+    return server
 
 
 async def _start_mirror(config: dict[str, Any]) -> Any:
