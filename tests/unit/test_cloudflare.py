@@ -365,3 +365,58 @@ def test_access_layer_stops_before_any_change_without_dns_edit(lab: Lab, tmp_pat
     assert outcome.rows[0].status == "failed", text
     assert "Zone DNS Edit (zone jigga.xyz)" in text
     assert lab.api.writes == 0 and token not in text
+
+
+def test_access_layer_records_owned_by_comment(lab: Lab, tmp_path: Path) -> None:
+    """Missing public names are created, stale records we made are pruned, records we did not make are left
+    alone, and one of theirs on a name we need stops the layer before any change."""
+    import io
+
+    from rich.console import Console
+
+    from homelab import inventory
+    from homelab.clients.cloudflare import OWNER_COMMENT
+    from homelab.context import Run
+    from homelab.errors import Conflict
+    from homelab.layers.access import AccessLayer
+    from homelab.plan import LayerPlan
+    from homelab.target import ProxmoxAccess, Secret, Target
+    from homelab.wait import Progress
+
+    token = lab.token("records", FULL, zones=[ZONE])
+    target = Target("lab", ProxmoxAccess("root@pam!x", Secret("unused"), True, ("127.0.0.1", 1)),
+                    ssh_public_key=tmp_path / "k.pub")
+    out = Console(file=io.StringIO(), width=200)
+    run = Run(inventory.load(), target, out, Progress(out))
+    run.memo["tunnel_id"] = "0" * 8 + "-1111-2222-3333-" + "4" * 12
+    with lab.client(token) as cf:
+        zone = cf.require(ZONE, lab.account).zone
+        assert zone is not None
+        zone_id = str(zone["id"])
+        stale = cf.create_dns_record(zone_id, {"type": "CNAME", "name": f"old.{ZONE}", "content": "x.example.org",
+                                               "proxied": True, "comment": OWNER_COMMENT})
+        theirs = cf.create_dns_record(zone_id, {"type": "A", "name": f"mail.{ZONE}", "content": "198.51.100.9"})
+        plan = LayerPlan("access")
+        AccessLayer()._plan_records(run, plan, cf, zone_id)
+        planned = {(c.name, c.action) for c in plan.changes}
+        assert planned == {("passwords.jigga.xyz", "create"), ("jigga.xyz", "create"), (f"old.{ZONE}", "delete")}
+        writes = lab.api.writes
+        for change in plan.pending:
+            assert change.apply is not None
+            change.apply()
+        assert lab.api.writes == writes + 3
+        names = {r["name"]: r for r in cf.dns_records(zone_id)}
+        assert stale["id"] not in {r["id"] for r in names.values()} and names[f"mail.{ZONE}"]["id"] == theirs["id"]
+        assert names["passwords.jigga.xyz"]["content"] == f"{run.memo['tunnel_id']}.cfargotunnel.com"
+        assert names["passwords.jigga.xyz"]["proxied"] is True
+
+        again = LayerPlan("access")
+        AccessLayer()._plan_records(run, again, cf, zone_id)
+        assert {c.action for c in again.changes} == {"noop"}
+
+        cf.delete_dns_record(zone_id, str(names["jigga.xyz"]["id"]))
+        cf.create_dns_record(zone_id, {"type": "A", "name": ZONE, "content": "198.51.100.10"})  # someone else's
+        writes = lab.api.writes
+        with pytest.raises(Conflict, match="did not make"):
+            AccessLayer()._plan_records(run, LayerPlan("access"), cf, zone_id)
+        assert lab.api.writes == writes

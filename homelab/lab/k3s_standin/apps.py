@@ -196,7 +196,7 @@ class AppDoubles:
         selector = (service.get("spec") or {}).get("selector") or {}
         deployments = []
         if selector:
-            for dep in self.owner._list("apps", "v1", "deployments", meta["namespace"]):
+            for dep in self.owner.ctl.list_of("apps", "v1", "deployments", meta["namespace"]):
                 labels = ((dep.get("spec") or {}).get("template") or {}).get("metadata", {}).get("labels") or {}
                 if all(labels.get(k) == v for k, v in selector.items()):
                     deployments.append(dep)
@@ -213,7 +213,7 @@ class AppDoubles:
         return None, None, deployments
 
     def respond(self, backend: JSONObj, method: str, path: str, body: bytes) -> Reply:
-        service = self.owner._get("", "v1", "services", backend["namespace"], backend["name"])
+        service = self.owner.ctl.get_of("", "v1", "services", backend["namespace"], backend["name"])
         if service is None:
             return _text(503, "no available server")
         app, health, deployments = self.identify(service)

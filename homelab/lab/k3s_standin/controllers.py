@@ -256,6 +256,16 @@ class Controllers:
     def rt(self, group: str, version: str, plural: str) -> ResourceType | None:
         return self.registry.get(group, version, plural)
 
+    def list_of(self, group: str, version: str, plural: str, namespace: str | None = None) -> list[JSONObj]:
+        """The objects of a kind (in a namespace), [] while the API does not serve that kind."""
+        rt = self.rt(group, version, plural)
+        return self.store.list_objects(rt.storage_key, namespace) if rt is not None else []
+
+    def get_of(self, group: str, version: str, plural: str, namespace: str, name: str) -> JSONObj | None:
+        """One object, None when it (or its kind) does not exist."""
+        rt = self.rt(group, version, plural)
+        return self.store.get(rt.storage_key, namespace, name) if rt is not None else None
+
     def must_rt(self, group: str, version: str, plural: str) -> ResourceType:
         rt = self.registry.get(group, version, plural)
         assert rt is not None, plural

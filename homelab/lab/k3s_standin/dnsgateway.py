@@ -294,18 +294,10 @@ class DnsGateway:
         return self.ctl.ingress.bind(ip, port)
 
     # --- store lookups
-    def _list(self, group: str, version: str, plural: str, namespace: str | None = None) -> list[JSONObj]:
-        rt = self.ctl.rt(group, version, plural)
-        return self.ctl.store.list_objects(rt.storage_key, namespace) if rt is not None else []
-
-    def _get(self, group: str, version: str, plural: str, namespace: str, name: str) -> JSONObj | None:
-        rt = self.ctl.rt(group, version, plural)
-        return self.ctl.store.get(rt.storage_key, namespace, name) if rt is not None else None
-
     def _charts(self, name: str) -> list[JSONObj]:
         from .controllers import _chart_name
 
-        return [c for c in self._list("helm.cattle.io", "v1", "helmcharts")
+        return [c for c in self.ctl.list_of("helm.cattle.io", "v1", "helmcharts")
                 if _chart_name(c.get("spec") or {}) == name and not c["metadata"].get("deletionTimestamp")]
 
     @staticmethod
@@ -313,7 +305,7 @@ class DnsGateway:
         return str((chart.get("spec") or {}).get("targetNamespace") or chart["metadata"]["namespace"])
 
     def _lb_ips(self, namespace: str, name: str) -> list[str]:
-        svc = self._get("", "v1", "services", namespace, name)
+        svc = self.ctl.get_of("", "v1", "services", namespace, name)
         if svc is None or (svc.get("spec") or {}).get("type") != "LoadBalancer":
             return []
         return [str(i["ip"]) for i in _dig(svc, "status", "loadBalancer", "ingress") or []
@@ -330,7 +322,7 @@ class DnsGateway:
                 values = self.ctl.helm_values(chart)
                 port = _dig(values, "service", "port")
                 port = port if isinstance(port, int) and not isinstance(port, bool) else 53
-                svc = self._get("", "v1", "services", target, meta["name"])
+                svc = self.ctl.get_of("", "v1", "services", target, meta["name"])
                 if svc is None or (svc["metadata"].get("labels") or {}).get(INSTANCE_LABEL) != meta["name"]:
                     continue
                 for ip in self._lb_ips(target, meta["name"]):
@@ -363,7 +355,7 @@ class DnsGateway:
     # --- records (the listeners' threads, per query)
     def zone(self, chart_key: str, own_ip: str) -> Zone | None:
         namespace, _, name = chart_key.partition("/")
-        chart = self._get("helm.cattle.io", "v1", "helmcharts", namespace, name)
+        chart = self.ctl.get_of("helm.cattle.io", "v1", "helmcharts", namespace, name)
         if chart is None:
             return None
         values = self.ctl.helm_values(chart)
@@ -384,7 +376,7 @@ class DnsGateway:
                 hosts[host].extend(ip for ip in ips if ip not in hosts[host])
 
         if not watched or "Ingress" in watched:
-            for ing in self._list("networking.k8s.io", "v1", "ingresses"):
+            for ing in self.ctl.list_of("networking.k8s.io", "v1", "ingresses"):
                 if ing["metadata"].get("deletionTimestamp"):
                     continue
                 ips = [str(i["ip"]) for i in _dig(ing, "status", "loadBalancer", "ingress") or []
@@ -393,7 +385,7 @@ class DnsGateway:
                     if rule.get("host") and not str(rule["host"]).startswith("*"):
                         add(str(rule["host"]), ips)
         if not watched or "Service" in watched:
-            for svc in self._list("", "v1", "services"):
+            for svc in self.ctl.list_of("", "v1", "services"):
                 meta = svc["metadata"]
                 ips = self._lb_ips(meta["namespace"], meta["name"])
                 for domain in zone.zones:
@@ -413,7 +405,7 @@ class DnsGateway:
             "kubernetes.io/ingress.class")
         index = load_index(self.ctl.env)
         out: list[str] = []
-        for chart in self._list("helm.cattle.io", "v1", "helmcharts"):
+        for chart in self.ctl.list_of("helm.cattle.io", "v1", "helmcharts"):
             traits = index.get(_chart_name(chart.get("spec") or {}))
             if traits is None or chart["metadata"].get("deletionTimestamp"):
                 continue

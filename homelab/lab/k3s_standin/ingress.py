@@ -245,17 +245,9 @@ class IngressController:
         self.ctl.log.info(text)
 
     # --- store lookups
-    def _list(self, group: str, version: str, plural: str, namespace: str | None = None) -> list[JSONObj]:
-        rt = self.ctl.rt(group, version, plural)
-        return self.ctl.store.list_objects(rt.storage_key, namespace) if rt is not None else []
-
-    def _get(self, group: str, version: str, plural: str, namespace: str, name: str) -> JSONObj | None:
-        rt = self.ctl.rt(group, version, plural)
-        return self.ctl.store.get(rt.storage_key, namespace, name) if rt is not None else None
-
     def _chart(self, release: Release) -> JSONObj | None:
         namespace, _, name = release.chart_key.partition("/")
-        return self._get("helm.cattle.io", "v1", "helmcharts", namespace, name)
+        return self.ctl.get_of("helm.cattle.io", "v1", "helmcharts", namespace, name)
 
     # --- reconcile
     def reconcile(self) -> None:
@@ -290,7 +282,7 @@ class IngressController:
         from .controllers import HELM_CHART_ANNOTATION, _chart_name
 
         namespace, _, name = key.partition("/")
-        svc = self._get("", "v1", "services", namespace, name)
+        svc = self.ctl.get_of("", "v1", "services", namespace, name)
         if svc is None or (svc.get("spec") or {}).get("type") != "LoadBalancer":
             return None
         ingress = ((svc.get("status") or {}).get("loadBalancer") or {}).get("ingress") or []
@@ -302,9 +294,9 @@ class IngressController:
         chart_key = (svc["metadata"].get("annotations") or {}).get(HELM_CHART_ANNOTATION)
         chart = None
         if chart_key and chart_key.rpartition("/")[2] == instance:
-            chart = self._get("helm.cattle.io", "v1", "helmcharts", *chart_key.split("/", 1))
+            chart = self.ctl.get_of("helm.cattle.io", "v1", "helmcharts", *chart_key.split("/", 1))
         if chart is None:
-            chart = next((c for c in self._list("helm.cattle.io", "v1", "helmcharts") if c["metadata"]["name"] ==
+            chart = next((c for c in self.ctl.list_of("helm.cattle.io", "v1", "helmcharts") if c["metadata"]["name"] ==
                           instance and ((c.get("spec") or {}).get("targetNamespace") or c["metadata"]["namespace"])
                           == namespace), None)
         if chart is None or chart["metadata"].get("deletionTimestamp"):
@@ -340,7 +332,7 @@ class IngressController:
     def _ingresses(self, release: Release) -> list[JSONObj]:
         classes = {None, "", str(release.traits.get("ingress_class") or ""), release.chart_key.rpartition("/")[2]}
         out = []
-        for ing in self._list("networking.k8s.io", "v1", "ingresses"):
+        for ing in self.ctl.list_of("networking.k8s.io", "v1", "ingresses"):
             spec = ing.get("spec") or {}
             cls = spec.get("ingressClassName") or (ing["metadata"].get("annotations") or {}).get(
                 "kubernetes.io/ingress.class")
@@ -370,7 +362,7 @@ class IngressController:
                     backend = (item.get("backend") or {}).get("service") or {}
                     if not ok or not backend.get("name"):
                         continue
-                    if self._get("", "v1", "services", namespace, str(backend["name"])) is None:
+                    if self.ctl.get_of("", "v1", "services", namespace, str(backend["name"])) is None:
                         continue
                     rank = (host_rank, len(want))
                     if best is None or rank > best[0]:
@@ -403,7 +395,7 @@ class IngressController:
             return self._fallback
 
     def _secret_pair(self, namespace: str, name: str) -> tuple[bytes, bytes] | None:
-        secret = self._get("", "v1", "secrets", namespace, name)
+        secret = self.ctl.get_of("", "v1", "secrets", namespace, name)
         data = (secret or {}).get("data") or {}
         try:
             crt, key = base64.b64decode(data.get("tls.crt") or ""), base64.b64decode(data.get("tls.key") or "")
@@ -422,7 +414,7 @@ class IngressController:
                             return self._context(*pair)
         store = release.traits.get("tls_store") or {}
         if store:
-            obj = self._get(str(store.get("group")), str(store.get("version")), str(store.get("plural")),
+            obj = self.ctl.get_of(str(store.get("group")), str(store.get("version")), str(store.get("plural")),
                             release.namespace, str(store.get("name") or "default"))
             spec = (obj or {}).get("spec") or {}
             # Traefik picks among the store's certificates by SAN for the SNI, then its default.
