@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Benchmark the lab (root): lab.up cold and warm, the Proxmox layers, boot to SSH, memory per VM.
+"""Benchmark the lab (root): lab.up, the Proxmox layers, boot to SSH, the whole pipeline, the live suite.
 
     python benchmarks/lab.py [--cold]    # --cold removes the rootfs cache first (debootstrap again)
 
@@ -86,7 +86,12 @@ def main() -> int:
         print(f"invoke up --to k3s (cold k3s: to three Ready nodes): {invoke('up', '--to', 'k3s'):.1f} s; {recap()}")
         times = [invoke("up", "--to", "k3s") for _ in range(3)]
         print(f"invoke up --to k3s (no-op): {', '.join(f'{t:.2f}' for t in times)} s; {recap()}")
-        print(f"invoke up (whole pipeline, no-op, stops at the first layer not built): {invoke('up'):.2f} s")
+        print(f"invoke up (whole pipeline, cold from k3s on): {invoke('up'):.1f} s; {recap()}")
+        times = [invoke("up") for _ in range(3)]
+        print(f"invoke up (whole pipeline, no-op): {', '.join(f'{t:.2f}' for t in times)} s; {recap()}")
+        times = [invoke("test.live", "--target", "lab") for _ in range(3)]
+        summary = next((line.strip() for line in LAST["out"].splitlines() if line.startswith("live suite:")), "")
+        print(f"invoke test.live --target lab: {', '.join(f'{t:.2f}' for t in times)} s; {summary}")
         status = json.loads((layout.STATE / layout.STATUS_JSON).read_text())
         for vm in status["vms"]:
             if vm.get("pid"):

@@ -183,7 +183,7 @@ def test_argocd_double_syncs_from_the_snapshot_and_reports_drift(
              and status("homelab").get("health", {}).get("status") == "Healthy")
     synced = core.read_namespaced_config_map("from-git", "apps")
     assert synced.metadata.labels["app.kubernetes.io/instance"] == "homelab"
-    assert status("nowhere")["sync"]["status"] == "Unknown"
+    wait_for("a source the lab does not have", lambda: status("nowhere").get("sync", {}).get("status") == "Unknown")
     core.delete_namespaced_config_map("from-git", "apps")  # drift; selfHeal is off, so it stays
     wait_for("OutOfSync", lambda: status("homelab")["sync"]["status"] == "OutOfSync"
              and status("homelab")["health"]["status"] == "Missing")
