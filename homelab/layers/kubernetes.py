@@ -15,6 +15,7 @@ from urllib.parse import urlsplit
 from homelab.clients.kube import COMPONENT, MANAGED_BY, Kube, contains, describe, identity
 from homelab.context import Run
 from homelab.layers.k3s import CONTEXT, kubeconfig_path, operator_dir
+from homelab.manifests import crd_group
 from homelab.plan import Change, FieldDiff, LayerPlan
 from homelab.wait import poll
 
@@ -97,6 +98,13 @@ class ManifestLayer:
         k = kube(run)
         for component, obj in desired:
             current = actual.pop(identity(obj), None)
+            if current is not None and (current.get("metadata") or {}).get("deletionTimestamp"):
+                # Applying to an object being deleted changes nothing: wait until it is gone, then create.
+                plan.add(Change(self.name, obj["kind"], _name(obj), "create",
+                                f"{component}: still being deleted; created again once it is gone",
+                                tuple(_redacted(obj, field_diff(None, obj))),
+                                apply=self._after_deletion(run, obj)))
+                continue
             if current is not None and contains(current, obj):
                 plan.add(Change(self.name, obj["kind"], _name(obj), "noop", f"{component}: up to date"))
                 continue
@@ -106,13 +114,22 @@ class ManifestLayer:
         for obj in actual.values():
             plan.add(Change(self.name, obj["kind"], _name(obj), "delete",
                             f"{obj['metadata'].get('labels', {}).get(COMPONENT, '?')}: no longer declared (prune)",
-                            apply=_deleter(k, obj)))
+                            apply=_deleter(k, obj, run)))
 
         def finish() -> None:
             wait_ready(run, [obj for _, obj in desired])
 
         plan.finish = finish
         return plan
+
+    def _after_deletion(self, run: Run, obj: dict[str, Any]) -> Callable[[], None]:
+        apply = self._applier(run, obj)
+
+        def wait_then_apply() -> None:
+            wait_gone(run, kube(run), obj)
+            apply()
+
+        return wait_then_apply
 
     def _applier(self, run: Run, obj: dict[str, Any]) -> Callable[[], None]:
         def apply() -> None:
@@ -134,12 +151,29 @@ class ManifestLayer:
         k = kube(run)
         for obj in reversed([o for _, o in desired if identity(o) in actual] + [
                 o for ident, o in actual.items() if ident not in {identity(d) for _, d in desired}]):
-            plan.add(Change(self.name, obj["kind"], _name(obj), "delete", "remove", apply=_deleter(k, obj)))
+            plan.add(Change(self.name, obj["kind"], _name(obj), "delete", "remove", apply=_deleter(k, obj, run)))
         return plan
 
 
-def _deleter(k: Kube, obj: dict[str, Any]) -> Callable[[], None]:
-    return lambda: k.delete(obj)
+def _deleter(k: Kube, obj: dict[str, Any], run: Run | None = None) -> Callable[[], None]:
+    """DELETE; a custom resource is then awaited until it is gone, because its finalizer needs its controller,
+    which a later change of the same `down` may uninstall (the Connector before the Tailscale operator)."""
+    def delete() -> None:
+        k.delete(obj)
+        if run is not None and crd_group(obj) is not None:
+            wait_gone(run, k, obj)
+
+    return delete
+
+
+def wait_gone(run: Run, k: Kube, obj: dict[str, Any]) -> None:
+    def probe() -> tuple[bool | None, str]:
+        current = k.get(obj)
+        if current is None:
+            return True, "gone"
+        return None, "finalizers still running: " + ", ".join((current.get("metadata") or {}).get("finalizers") or [])
+
+    poll(f"{describe(obj)} deleted", probe, timeout=run.timeouts.k3s, progress=run.progress, first=0.2, maximum=2)
 
 
 def _name(obj: dict[str, Any]) -> str:

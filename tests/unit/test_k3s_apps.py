@@ -187,3 +187,24 @@ def test_argocd_double_syncs_from_the_snapshot_and_reports_drift(
     core.delete_namespaced_config_map("from-git", "apps")  # drift; selfHeal is off, so it stays
     wait_for("OutOfSync", lambda: status("homelab")["sync"]["status"] == "OutOfSync"
              and status("homelab")["health"]["status"] == "Missing")
+
+
+def test_a_controller_cannot_write_from_a_stale_read(cluster: tuple[ServerHandle, client.ApiClient]) -> None:
+    """A DELETE that a finalizer holds sets deletionTimestamp; a controller's update from an earlier read is
+    refused (409) instead of silently bringing the object back, as the API server refuses it."""
+    from homelab.lab.k3s_standin.controllers import StaleRead
+
+    handle, api = cluster
+    core = client.CoreV1Api(api)
+    core.create_namespaced_config_map("apps", {"metadata": {"name": "held", "finalizers": ["example.org/hold"]},
+                                               "data": {"a": "1"}})
+    controllers = handle._server.controllers
+    assert controllers is not None
+    rt = controllers.must_rt("", "v1", "configmaps")
+    stale = controllers.store.get(rt.storage_key, "apps", "held")
+    core.delete_namespaced_config_map("held", "apps")
+    with pytest.raises(StaleRead):
+        controllers.update(rt, stale, {**stale, "data": {"a": "2"}}, "some-controller")
+    held = core.read_namespaced_config_map("held", "apps")
+    assert held.metadata.deletion_timestamp is not None and held.data == {"a": "1"}
+    core.patch_namespaced_config_map("held", "apps", {"metadata": {"finalizers": None}})

@@ -180,6 +180,13 @@ class LinkAnnouncer:
 
 
 # ------------------------------------------------------------------------------------- the runner
+class StaleRead(ApiError):
+    """A controller wrote from an old read; the next pass reads again (no Event: it is not a failure)."""
+
+    def __init__(self, conflict: ApiError) -> None:
+        super().__init__(conflict.code, conflict.reason, conflict.message, conflict.details)
+
+
 class Controllers:
     def __init__(self, api: Api, data_dir: Path, log: Log, env: Mapping[str, str],
                  on_lb_change: LbHook | None = None, ingress_bind: IngressBind | None = None) -> None:
@@ -246,6 +253,8 @@ class Controllers:
             try:
                 step()
                 self._errors.pop(name, None)
+            except StaleRead:  # someone changed an object under this step: the next pass reads it again
+                continue
             except Exception as exc:  # keep running; say why (once per distinct error)
                 text = f"{type(exc).__name__}: {exc}"
                 if self._errors.get(name) != text:
@@ -278,8 +287,16 @@ class Controllers:
         return self.api.create_object(rt, obj, self.opts(manager))
 
     def update(self, rt: ResourceType, old: JSONObj, new: JSONObj, manager: str, sub: str = "") -> JSONObj:
+        """An update from what this controller read; refused (409, as the API server does) when the object changed
+        since, so a stale read can never undo someone's change, such as the deletionTimestamp a DELETE set."""
+        meta = old["metadata"]
         with self.store.lock:
-            return self.api.update_object(rt, old, new, self.opts(manager), sub)
+            current = self.store.get(rt.storage_key, meta.get("namespace", ""), meta["name"])
+            if current is None:
+                raise ApiError(404, "NotFound", f'{rt.qualified_resource} "{meta["name"]}" not found')
+            if current["metadata"].get("resourceVersion") != meta.get("resourceVersion"):
+                raise StaleRead(self.api._conflict(rt, meta["name"]))
+            return self.api.update_object(rt, current, new, self.opts(manager), sub)
 
     def set_status(self, rt: ResourceType, obj: JSONObj, status: JSONObj, manager: str) -> JSONObj:
         if obj.get("status") == status:
@@ -339,6 +356,8 @@ class Controllers:
                     self._helm_remove(chart_rt, chart)
                 else:
                     self._helm_install(chart_rt, chart)
+            except StaleRead:
+                continue
             except ApiError as exc:
                 self.event(chart, "Warning", "Failed", exc.message, "helm-controller")
         self._helm_sweep(live)
