@@ -583,7 +583,15 @@ def app_workloads(app: str, namespace: str, release: str | None, declared: Itera
     if release:
         by_release = [w for w in here if labels(w).get(INSTANCE) in (release, f"{release}-{namespace}")]
         by_name = [w for w in here if labels(w).get(NAME) == app]
-        picked = (by_name or by_release) if app in BUNDLED else by_release + by_name
+        if app in BUNDLED:
+            # The release stands for the app only where its chart names none of its parts (the lab's double);
+            # where the chart labels its parts, the app's own workloads must be there.
+            named = any(labels(w).get(NAME) in BUNDLED for w in by_release)
+            picked = by_name if named else (by_name or by_release)
+            if named and not by_name:
+                missing.append(f"a workload labelled {NAME}={app} in {namespace} (release {release})")
+        else:
+            picked = by_release + by_name
         for w in picked:
             if ident(w) not in {ident(c) for c in chosen}:
                 chosen.append(w)

@@ -612,7 +612,9 @@ class LabCloudflare:
                 "*" in name.split(".")[1:]:
             raise validation(9000, "DNS name is invalid.")
         content = str(data.get("content") or "").strip()
-        proxied = bool(data.get("proxied", False))
+        proxied = data.get("proxied", False)
+        if not isinstance(proxied, bool):  # the API's schema: a boolean, never "false"
+            raise ApiError(400, 1004, "DNS Validation Error", [(9000, "proxied must be a boolean")])
         if rtype == "A":
             if not _is_ip(content, 4):
                 raise validation(9005, "Content for A record is invalid. Must be a valid IPv4 address")
@@ -634,7 +636,7 @@ class LabCloudflare:
             raise validation(9041, "This DNS record cannot be proxied - click the cloud icon to turn it gray to "
                                    "proceed")
         ttl = data.get("ttl", 1)
-        if not isinstance(ttl, int) or isinstance(ttl, bool) or not (ttl == 1 or 30 <= ttl <= 86400):
+        if not isinstance(ttl, int) or isinstance(ttl, bool) or not (ttl == 1 or 60 <= ttl <= 86400):
             raise ApiError(400, 1004, "DNS Validation Error",
                            [(9021, "TTL must be between 60 and 86400 seconds, or 1 for Automatic.")])
         if proxied:

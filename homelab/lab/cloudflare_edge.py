@@ -274,6 +274,8 @@ class LabCloudflareEdge:
             raise
         finally:
             self._pending.pop(request_id, None)
+            if not pending.future.done():  # the visitor got 524 or left: no connector may replay it later
+                pending.future.cancel()
         out = web.Response(status=int(answer.get("status") or 502), body=_b64(answer.get("body")))
         for key, value in answer.get("headers") or []:
             if str(key).lower() not in HOP_BY_HOP and str(key).lower() not in ("server", "cf-ray"):

@@ -68,6 +68,10 @@ class FaultError(HomelabError):
 # =========================================================================================== mechanisms
 
 
+class NothingToInject(FaultError):
+    """The thing is broken already: refused before anything changed, and never recorded as active."""
+
+
 class Mechanism:
     """How one fault is made and mended. `inject` fills `record` with the originals before it changes
     anything; `clear` restores them; `mended` and `effect` are poll probes: (True, detail) when done."""
@@ -105,7 +109,7 @@ class QuorumLost(Mechanism):
     def inject(self, lab: LabAccess, record: Record) -> None:
         record["before"] = lab.control.state()
         if not record["before"]["quorate"]:
-            raise FaultError("the PVE cluster has no quorum already; nothing to inject")
+            raise NothingToInject("the PVE cluster has no quorum already; nothing to inject")
         lab.control.switch("lose-quorum")
 
     def clear(self, lab: LabAccess, record: Record) -> None:
@@ -124,7 +128,7 @@ class NodeOffline(Mechanism):
         lab.require_pve_node(self.node)
         record["before"] = lab.control.state()
         if not record["before"]["nodes"].get(self.node, True):
-            raise FaultError(f"PVE node {self.node} is offline already; nothing to inject")
+            raise NothingToInject(f"PVE node {self.node} is offline already; nothing to inject")
         lab.control.switch("node-offline", node=self.node)
 
     def clear(self, lab: LabAccess, record: Record) -> None:
@@ -143,7 +147,7 @@ class CephTrouble(Mechanism):
         record["before"] = lab.control.state()
         ceph = record["before"]["ceph"]
         if ceph["health"] != "HEALTH_OK" or ceph["down"]:
-            raise FaultError(f"Ceph is {ceph['health']} already; nothing to inject")
+            raise NothingToInject(f"Ceph is {ceph['health']} already; nothing to inject")
         lab.control.switch(self.switch)
 
     def clear(self, lab: LabAccess, record: Record) -> None:
@@ -172,7 +176,7 @@ class SdnPending(Mechanism):
         vnet = self._vnet(lab)
         current = lab.proxmox.get(f"/cluster/sdn/vnets/{vnet}")
         if self._pending(lab).get("state"):
-            raise FaultError(f"vnet {vnet} has pending changes already; nothing to inject")
+            raise NothingToInject(f"vnet {vnet} has pending changes already; nothing to inject")
         record["tag"] = int(current["tag"])
         lab.proxmox.write("put", f"/cluster/sdn/vnets/{vnet}", tag=record["tag"] + 1)
 
@@ -212,7 +216,7 @@ class VmStopped(Mechanism):
     def inject(self, lab: LabAccess, record: Record) -> None:
         status = lab.proxmox.get(self._path(lab) + "/status/current").get("status")
         if status != "running":
-            raise FaultError(f"VM {self.vm} is {status} already; nothing to inject")
+            raise NothingToInject(f"VM {self.vm} is {status} already; nothing to inject")
         record["status"] = status
         lab.proxmox.run_task("post", self._path(lab) + "/status/stop", f"stop VM {self.vm}", lab.progress)
 
@@ -285,7 +289,7 @@ class UnitStopped(Mechanism):
     def inject(self, lab: LabAccess, record: Record) -> None:
         record["active"] = self._active(lab)
         if record["active"] != "active":
-            raise FaultError(f"{self.unit} on {self.vm} is {record['active']} already; nothing to inject")
+            raise NothingToInject(f"{self.unit} on {self.vm} is {record['active']} already; nothing to inject")
         lab.ssh(self.vm, ["systemctl", "stop", self.unit])
 
     def effect(self, lab: LabAccess, record: Record) -> Probe:
@@ -373,7 +377,7 @@ class TimeSyncOff(Mechanism):
     def inject(self, lab: LabAccess, record: Record) -> None:
         record["enabled"], record["active"] = self._states(lab)
         if record["enabled"] != "enabled":
-            raise FaultError(f"{self.unit} on {self.vm} is {record['enabled']} already; nothing to inject")
+            raise NothingToInject(f"{self.unit} on {self.vm} is {record['enabled']} already; nothing to inject")
         lab.ssh(self.vm, ["systemctl", "disable", "--now", self.unit])
 
     def clear(self, lab: LabAccess, record: Record) -> None:
@@ -399,7 +403,7 @@ class FileMode(Mechanism):
     def inject(self, lab: LabAccess, record: Record) -> None:
         record["mode"] = self._mode(lab)
         if record["mode"] == self.mode:
-            raise FaultError(f"{self.path} on {self.vm} is {self.mode} already; nothing to inject")
+            raise NothingToInject(f"{self.path} on {self.vm} is {self.mode} already; nothing to inject")
         lab.ssh(self.vm, ["chmod", self.mode, self.path])
 
     def clear(self, lab: LabAccess, record: Record) -> None:
@@ -621,7 +625,7 @@ class DefaultClassUnset(Mechanism):
         classes = lab.klist("storage.k8s.io/v1", "StorageClass", "")
         default = [c for c in classes if (c["metadata"].get("annotations") or {}).get(DEFAULT_CLASS) == "true"]
         if not default:
-            raise FaultError("no StorageClass is the default already; nothing to inject")
+            raise NothingToInject("no StorageClass is the default already; nothing to inject")
         record["names"] = [c["metadata"]["name"] for c in default]
         for name in record["names"]:
             lab.kpatch("storage.k8s.io/v1", "StorageClass", "", name,
@@ -754,7 +758,7 @@ class CertificateIssuer(Mechanism):
         record.update(name=cert["metadata"]["name"], secret=spec["secretName"],
                       issuer=(spec.get("issuerRef") or {}).get("name"))
         if record["issuer"] == self.issuer:
-            raise FaultError(f"Certificate {record['name']} is issued by {self.issuer} already; nothing to inject")
+            raise NothingToInject(f"Certificate {record['name']} is issued by {self.issuer} already; nothing to inject")
         lab.kpatch("cert-manager.io/v1", "Certificate", "kube-system", record["name"],
                    {"spec": {"issuerRef": {"name": self.issuer}}})
 
@@ -838,7 +842,7 @@ class ConfigMapMissing(Mechanism):
         ns = self._namespace(lab)
         live = lab.kget("v1", "ConfigMap", ns, self.configmap)
         if live is None:
-            raise FaultError(f"ConfigMap {ns}/{self.configmap} does not exist already; nothing to inject")
+            raise NothingToInject(f"ConfigMap {ns}/{self.configmap} does not exist already; nothing to inject")
         meta = {k: v for k, v in live["metadata"].items() if k in ("name", "namespace", "labels", "annotations")}
         record["object"] = {"apiVersion": "v1", "kind": "ConfigMap", "metadata": meta,
                             **{k: live[k] for k in ("data", "binaryData", "immutable") if k in live}}
@@ -883,7 +887,7 @@ class ScaledToZero(Mechanism):
             raise FaultError(f"Deployment {ns}/{name} does not exist", hint="run `invoke up` first")
         record["replicas"] = int((dep.get("spec") or {}).get("replicas", 1))
         if record["replicas"] == 0:
-            raise FaultError(f"Deployment {ns}/{name} has 0 replicas already; nothing to inject")
+            raise NothingToInject(f"Deployment {ns}/{name} has 0 replicas already; nothing to inject")
         lab.kpatch("apps/v1", "Deployment", ns, name, {"spec": {"replicas": 0}})
 
     def effect(self, lab: LabAccess, record: Record) -> Probe:
@@ -972,7 +976,7 @@ class InternalPublished(Mechanism):
         from homelab.clients.cloudflare import tunnel_target
 
         if lab.cloudflare.dns_records(lab.zone_id, name=self.host):
-            raise FaultError(f"{self.host} is in the public zone already; nothing to inject")
+            raise NothingToInject(f"{self.host} is in the public zone already; nothing to inject")
         made = lab.cloudflare.create_dns_record(lab.zone_id, {
             "type": "CNAME", "name": self.host, "content": tunnel_target(lab.tunnel_id()), "proxied": True,
             "ttl": 1, "comment": FAULT_COMMENT})
@@ -1000,7 +1004,7 @@ class TunnelRuleRemoved(Mechanism):
         config = self._config(lab)
         rules = list(config.get("ingress") or [])
         if not any(r.get("hostname") == self.host for r in rules):
-            raise FaultError(f"the tunnel has no ingress rule for {self.host} already; nothing to inject")
+            raise NothingToInject(f"the tunnel has no ingress rule for {self.host} already; nothing to inject")
         record["config"] = config
         lab.cloudflare.put_tunnel_configuration(lab.account_id, lab.tunnel_id(), {
             **config, "ingress": [r for r in rules if r.get("hostname") != self.host]})
@@ -1019,7 +1023,7 @@ class SplitDnsRemoved(Mechanism):
         domain = lab.inv.domains.internal.name
         current = lab.tailscale.get_split_dns()
         if domain not in current:
-            raise FaultError(f"the tailnet has no split DNS for {domain} already; nothing to inject")
+            raise NothingToInject(f"the tailnet has no split DNS for {domain} already; nothing to inject")
         record.update(domain=domain, nameservers=current[domain])
         lab.tailscale.remove_split_dns(domain)
 
@@ -1057,7 +1061,11 @@ class RoutesUnapproved(Mechanism):
         devices = {d.id: d for d in self._devices(lab)}
         missing = [i for i, routes in record["enabled"].items()
                    if i in devices and not set(routes) <= set(devices[i].routes.enabled)]
-        return _done(not missing, f"devices without their routes: {missing}" if missing else "routes approved")
+        wanted = set().union(*map(set, record["enabled"].values()))
+        # At least one current router has the routes again (a re-registered one included).
+        served = any(wanted <= set(d.routes.enabled) for d in devices.values())
+        ok = not missing and served
+        return _done(ok, "routes approved" if ok else f"devices without their routes: {missing or list(devices)}")
 
 
 # ============================================================================================ catalog
@@ -1148,7 +1156,9 @@ CATALOG: tuple[Fault, ...] = (
        "grafana.int.jigga.xyz served a certificate for wrong-name.int.jigga.xyz from the same issuer",
        ["test_tls.py::test_certificate[grafana.int.jigga.xyz]"], IngressCertificate("grafana", "wrong-name")),
     _f("certificate-staging", "tls", "the public wildcard Certificate issued by letsencrypt-staging",
-       ["test_tls.py::test_certificate[passwords.jigga.xyz]", "test_tls.py::test_certificate[jigga.xyz]"],
+       ["test_tls.py::test_certificate[passwords.jigga.xyz]", "test_tls.py::test_certificate[jigga.xyz]",
+        # cloudflared checks the origin against public roots: staging certificates break the public apps
+        "test_apps.py::test_app_health[vaultwarden]", "test_apps.py::test_app_health[homepage]"],
        CertificateIssuer()),
     # --- dns
     _f("public-record-missing", "dns", "the public DNS record of passwords.jigga.xyz deleted in Cloudflare",
@@ -1240,6 +1250,8 @@ def inject(name: str, lab: LabAccess, *, catalog: Sequence[Fault] = CATALOG, sta
     data = {"name": fault.name, "since": time.time(), "record": record}
     try:
         fault.mechanism.inject(lab, record)
+    except NothingToInject:
+        raise
     except BaseException:
         # What was read (and perhaps changed) is kept, so that --clear can restore it.
         if record:

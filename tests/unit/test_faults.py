@@ -190,6 +190,8 @@ class SetValue(faults.Mechanism):
         if self.fail_before_record:
             raise RuntimeError("refused before anything was read")
         record["before"] = lab.world.values[self.key]
+        if record["before"] == self.bad:
+            raise faults.NothingToInject(f"{self.key} is {self.bad} already; nothing to inject")
         if self.fail_after_record:
             lab.world.values[self.key] = "half-broken"
             raise RuntimeError("failed half way")
@@ -278,6 +280,13 @@ def test_a_fault_refused_before_reading_anything_leaves_no_state(lab: FakeLab, t
     with pytest.raises(RuntimeError):
         faults.inject("early", lab, catalog=FAKE, state_dir=tmp_path)  # type: ignore[arg-type]
     assert faults.active(tmp_path) is None
+
+
+def test_a_fault_already_in_place_is_refused_and_not_recorded(lab: FakeLab, tmp_path: Path) -> None:
+    lab.world.values["hostname"] = "impostor"
+    with pytest.raises(faults.NothingToInject):
+        faults.inject("hostname", lab, catalog=FAKE, state_dir=tmp_path)  # type: ignore[arg-type]
+    assert faults.active(tmp_path) is None  # a later --clear must not "restore" what it never changed
 
 
 def test_a_clear_that_does_not_mend_times_out_and_keeps_the_fault(lab: FakeLab, tmp_path: Path) -> None:

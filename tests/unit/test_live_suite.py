@@ -302,6 +302,13 @@ def test_an_apps_workloads_by_release_name_or_declaration() -> None:
     assert [w["metadata"]["name"] for w in chosen] == ["kps-grafana"] and missing == []
     chosen, _ = live.app_workloads("prometheus", "monitoring", "kube-prometheus-stack", [], [release, other])
     assert [w["metadata"]["name"] for w in chosen] == ["kube-prometheus-stack"]
+    # Where the chart labels its parts, a missing part is missing: the release does not stand in for it.
+    prometheus = _deployment("kps-prometheus", 1, 1, **{live.INSTANCE: "kube-prometheus-stack",
+                                                         live.NAME: "prometheus"})
+    chosen, missing = live.app_workloads("grafana", "monitoring", "kube-prometheus-stack", [],
+                                         [release, prometheus, other])
+    assert chosen == [] and missing == [f"a workload labelled {live.NAME}=grafana in monitoring "
+                                        "(release kube-prometheus-stack)"]
     traefik = {**_deployment("traefik", 1, 1, **{live.INSTANCE: "traefik-monitoring"})}
     assert live.app_workloads("traefik", "monitoring", "traefik", [], [traefik])[0] == [traefik]
     loki = _deployment("loki", 1, 1, **{live.INSTANCE: "loki", live.NAME: "loki"})

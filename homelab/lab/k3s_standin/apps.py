@@ -9,8 +9,8 @@ app behind it:
 - whether it is up: a Deployment selected by the Service has a ready replica; otherwise 503 "no
   available server", as Traefik answers for a Service without ready endpoints;
 - its health endpoint: 200 with the app's usual body (Vaultwarden /alive, Grafana /api/health, ArgoCD
-  /healthz, Prometheus and Alertmanager /-/healthy, Loki /ready, Homepage /); other paths 200 with a
-  small JSON page naming the app;
+  /healthz, Prometheus and Alertmanager /-/healthy, Loki /ready, Homepage /); other paths of a known app
+  404, so a wrong path or a backend of the wrong app shows; an unknown backend answers a small JSON page;
 - Vault's seal lifecycle (https://developer.hashicorp.com/vault/api-docs/system/init, .../unseal,
   .../health): GET /v1/sys/health is 501 until initialised, 503 while sealed, 200 when unsealed;
   PUT /v1/sys/init gives key shares and a root token once; PUT /v1/sys/unseal takes shares until the
@@ -212,7 +212,7 @@ class AppDoubles:
                         return str(traits.get("app")), str(traits.get("health") or "/"), deployments
         return None, None, deployments
 
-    def respond(self, backend: JSONObj, method: str, path: str, body: bytes) -> Reply:
+    def respond(self, backend: JSONObj, method: str, path: str, body: bytes) -> Reply:  # noqa: PLR0911 - one per outcome
         service = self.owner.ctl.get_of("", "v1", "services", backend["namespace"], backend["name"])
         if service is None:
             return _text(503, "no available server")
@@ -227,6 +227,8 @@ class AppDoubles:
             return self._vault({**backend, "uid": service["metadata"].get("uid", "")}).handle(method, path, body)
         if app and health and path == health:
             return health_reply(app, path)
+        if app:  # a known app answers its health endpoint only: a wrong path or backend shows as 404
+            return _text(404, f"404 page not found ({app} double: only {health})")
         return _json(200, {"app": app, "path": path, "method": method, "service": backend})
 
     def _vault(self, backend: JSONObj) -> Vault:

@@ -341,8 +341,12 @@ class TailscaleOperator:
         self._forget(name)
         return True
 
-    def _forget(self, name: str) -> None:
+    def _forget(self, name: str, device_id: str | None = None) -> None:
+        """Forget the Connector's device (only `device_id`, when given: a newer registration stays)."""
         with self._lock:
+            current = self.devices.get(name)
+            if device_id is not None and (current is None or current.get("id") != device_id):
+                return
             self.devices.pop(name, None)
         if self.namespace is not None:
             self.ctl.delete(self.ctl.must_rt("", "v1", "secrets"), self.namespace, _state_name(name))
@@ -408,7 +412,7 @@ class TailscaleOperator:
                     if exc.status == 404:  # the device was deleted from the tailnet: log in anew
                         self.ctl.log.info(f"tailscale-operator (stand-in): device {state['fqdn']} of Connector "
                                           f"{name} is gone from the tailnet; registering again")
-                        self._forget(name)
+                        self._forget(name, state["id"])
                     else:
                         self._say(f"beat/{name}", f"heartbeat of {state['fqdn']} failed: {exc}", error=True)
                     continue

@@ -240,6 +240,10 @@ class Connector:
                         self._call("/unregister", {}, str(answer.get("session")), timeout=5)
                     return
                 self.session = str(answer["session"])
+                if self._stop.is_set():  # stop() ran between the check above and now: it saw no session
+                    with contextlib.suppress(Exception):
+                        self._call("/unregister", {}, self.session, timeout=5)
+                    return
                 self.config, self.config_version = answer.get("config"), int(answer.get("config_version") or 0)
                 self.registered.set()
                 self._say("info", f"Registered tunnel connection connIndex=0 connection={answer.get('connection_id')} "
@@ -376,8 +380,10 @@ class TunnelController:
         return ip, self.ctl.ingress.bound.get((ip, port), port)
 
     def origin_context(self) -> ssl.SSLContext:
+        """System roots plus the lab's stand-ins for publicly trusted CAs; a staging issuer is not trusted
+        (real cloudflared checks the origin against the system roots, which hold no staging root)."""
         ctx = ssl.create_default_context()
-        cadata = "".join(self.ctl.certs.roots().values())
+        cadata = "".join(pem for issuer, pem in self.ctl.certs.roots().items() if "staging" not in issuer.lower())
         if cadata:
             ctx.load_verify_locations(cadata=cadata)
         return ctx
