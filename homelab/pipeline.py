@@ -119,6 +119,7 @@ def execute(run: Run, verb: str, names: list[str], *, dry_run: bool, show: bool 
         started = time.monotonic()
         row = Row(name, "planned" if dry_run else "ok")
         current: planlib.Change | None = None
+        waiting = False
         try:
             layer = registry[name]
             lp = layer.plan_down(run) if verb == "down" else layer.plan_up(run)
@@ -134,6 +135,7 @@ def execute(run: Run, verb: str, names: list[str], *, dry_run: bool, show: bool 
                     row.changed += 1
                 current = None
                 if lp.finish and row.changed:
+                    waiting = True
                     lp.finish()
             elif lp.pending:
                 row.changed = len(lp.pending)
@@ -143,7 +145,8 @@ def execute(run: Run, verb: str, names: list[str], *, dry_run: bool, show: bool 
             stopped = verb != "down"
         except HomelabError as exc:
             row.status, row.failed = "failed", 1
-            where = f"{current.kind} {current.name}" if current else "reading the actual state"
+            where = (f"{current.kind} {current.name}" if current else
+                     "waiting for what was applied to be ready" if waiting else "reading the actual state")
             row.detail = f"{where}: {exc.message}"
             out.print(f"[bold red]failed[/] {name}: {escape(where)}: {escape(str(exc))}")
             stopped = True

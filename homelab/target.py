@@ -92,7 +92,10 @@ def read_env_file(path: Path) -> dict[str, str]:
         if not line or line.startswith("#") or "=" not in line:
             continue
         key, _, value = line.partition("=")
-        out[key.strip().removeprefix("export ").strip()] = value.strip().strip("'\"")
+        value = value.strip()
+        if len(value) >= 2 and value[0] == value[-1] and value[0] in "'\"":  # one matching pair of quotes only
+            value = value[1:-1]
+        out[key.strip().removeprefix("export ").strip()] = value
     return out
 
 

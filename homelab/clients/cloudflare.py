@@ -214,6 +214,12 @@ class Cloudflare:
         except requests.exceptions.SSLError as exc:
             raise CloudflareError(f"{method} {path}: TLS verification of {self.base_url} failed: {_short(exc)}",
                                   hint="check the CA bundle of the target") from None
+        except (requests.ConnectionError, requests.Timeout):
+            raise  # the callers retry reads and report writes
+        except requests.RequestException as exc:  # a bad URL, a broken answer, redirects
+            raise CloudflareError(f"{method} {path}: {type(exc).__name__}: {_short(exc)}",
+                                  hint="check the target's cloudflare_api URL" if method == "GET" else
+                                  "Cloudflare may or may not have acted; run again") from None
 
     def request(self, method: str, path: str, *, params: Mapping[str, Any] | None = None,
                 body: Any = None) -> Json:

@@ -204,6 +204,9 @@ class Tailscale:
                                  hint="check the CA bundle given for the Tailscale API") from None
         except (requests.ConnectionError, requests.Timeout) as exc:
             raise TailscaleError(f"POST /api/v2/oauth/token: {self.base_url} is unreachable: {_short(exc)}") from None
+        except requests.RequestException as exc:
+            raise TailscaleError(f"POST /api/v2/oauth/token: {type(exc).__name__}: {_short(exc)}",
+                                 hint="check the target's tailscale_api URL") from None
         log.debug("POST /api/v2/oauth/token: %d", response.status_code)
         body = _json(response)
         if response.status_code in (400, 401) or (isinstance(body, dict) and body.get("error")):
@@ -265,6 +268,11 @@ class Tailscale:
         except requests.exceptions.SSLError as exc:
             raise TailscaleError(f"TLS verification of {self.base_url} failed: {_short(exc)}",
                                  hint="check the CA bundle given for the Tailscale API") from None
+        except (requests.ConnectionError, requests.Timeout):
+            raise  # the callers retry reads and report writes
+        except requests.RequestException as exc:  # a bad URL, a broken answer, redirects
+            raise TailscaleError(f"{method} {path}: {type(exc).__name__}: {_short(exc)}",
+                                 hint="check the target's tailscale_api URL") from None
         log.debug("%s %s: %d", method, path, response.status_code)
         if response.status_code < 400:
             return _json(response) if response.content else None

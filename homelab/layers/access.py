@@ -230,7 +230,7 @@ class AccessLayer:
                             apply=lambda: ts.set_split_dns(domain, [server])))
         routes = [f"{inv.network.traefik}/32", f"{inv.network.internal_dns}/32"]
         hostname = inv.access.tailscale.connector
-        devices = ts.devices_named(hostname)
+        devices = _routers(ts, hostname, routes)
         approved = bool(devices) and all(r in d.routes.enabled for d in devices for r in routes)
         if approved:
             plan.add(Change(LAYER, "routes", hostname, "noop", "subnet routes approved: " + ", ".join(routes)))
@@ -243,7 +243,7 @@ class AccessLayer:
     def _approver(self, run: Run, ts: tslib.Tailscale, hostname: str, routes: list[str]) -> Callable[[], None]:
         def approve() -> None:
             def joined() -> tuple[list[tslib.Device] | None, str]:
-                found = [d for d in ts.devices_named(hostname) if all(r in d.routes.advertised for r in routes)]
+                found = _routers(ts, hostname, routes)
                 return (found or None), f"waiting for {hostname} to join the tailnet and advertise its routes"
 
             for device in poll(f"the subnet router {hostname}", joined, timeout=run.timeouts.k3s,
@@ -289,6 +289,14 @@ class AccessLayer:
             plan.add(Change(LAYER, "device", device.hostname, "delete", "the subnet router left behind",
                             apply=functools.partial(_delete_device, ts, device.id)))
         return plan
+
+
+def _routers(ts: tslib.Tailscale, hostname: str, routes: list[str]) -> list[tslib.Device]:
+    """The subnet router's devices: named so and advertising the routes (one predicate for plan and apply);
+    connected ones first, when the tailnet says which are."""
+    found = [d for d in ts.devices_named(hostname) if all(r in d.routes.advertised for r in routes)]
+    connected = [d for d in found if d.connected]
+    return connected or found
 
 
 def _create_record(cf: cflib.Cloudflare, zone_id: str, desired: Callable[[], dict[str, Any]]) -> None:

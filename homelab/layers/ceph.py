@@ -101,22 +101,13 @@ class CephAuth:
             return None
         if code != 0:
             raise SshError(f"`ceph auth get {entity}` exited {code}: {err.strip()[-300:]}")
-        try:
-            entries = json.loads(out)
-        except ValueError:
-            raise SshError(f"`ceph auth get {entity}` printed no JSON") from None
-        entry = entries[0] if isinstance(entries, list) and entries else entries
-        if not isinstance(entry, dict) or "key" not in entry:
-            raise SshError(f"`ceph auth get {entity}` answered without a key")
-        return entry
+        return _entry(out, f"ceph auth get {entity}")
 
     def create(self, entity: str, caps: dict[str, str]) -> str:
         code, out, err = self._ceph(["auth", "get-or-create", entity, *_caps_argv(caps), "--format", "json"])
         if code != 0:
             raise SshError(f"`ceph auth get-or-create {entity}` exited {code}: {err.strip()[-300:]}")
-        entry = json.loads(out)
-        entry = entry[0] if isinstance(entry, list) else entry
-        return str(entry["key"])
+        return str(_entry(out, f"ceph auth get-or-create {entity}")["key"])
 
     def set_caps(self, entity: str, caps: dict[str, str]) -> None:
         code, _out, err = self._ceph(["auth", "caps", entity, *_caps_argv(caps)])
@@ -127,6 +118,18 @@ class CephAuth:
         code, _out, err = self._ceph(["auth", "rm", entity])
         if code != 0 and "ENOENT" not in err:
             raise SshError(f"`ceph auth rm {entity}` exited {code}: {err.strip()[-300:]}")
+
+
+def _entry(out: str, command: str) -> dict[str, Any]:
+    """The one entity of `ceph auth ... --format json` output; its text is never quoted (it holds a key)."""
+    try:
+        entries = json.loads(out)
+    except ValueError:
+        raise SshError(f"`{command}` printed no JSON") from None
+    entry = entries[0] if isinstance(entries, list) and entries else entries
+    if not isinstance(entry, dict) or "key" not in entry:
+        raise SshError(f"`{command}` answered without a key")
+    return entry
 
 
 def csi_key(run: Run) -> str | None:

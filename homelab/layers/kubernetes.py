@@ -190,7 +190,9 @@ def wait_ready(run: Run, objects: Sequence[dict[str, Any]]) -> None:
         kind, meta = obj["kind"], obj["metadata"]
         if kind == "HelmChart":
             ns = obj.get("spec", {}).get("targetNamespace") or meta.get("namespace", "kube-system")
-            checks.append((f"HelmChart {meta['name']} installed", _deployment_check(k, ns, str(meta["name"]))))
+            checks.append((f"HelmChart {meta['name']} installed", _install_check(k, obj)))
+            checks.append((f"HelmChart {meta['name']}'s Deployments available",
+                           _deployment_check(k, ns, str(meta["name"]))))
         elif kind == "Certificate":
             checks.append((f"Certificate {meta['namespace']}/{meta['name']} Ready", _condition_check(k, obj, "Ready")))
     for what, check in checks:
@@ -208,12 +210,34 @@ def _condition_check(k: Kube, obj: dict[str, Any], kind: str) -> Callable[[], st
     return lambda: _condition(k, obj, kind)
 
 
+def _install_check(k: Kube, chart: dict[str, Any]) -> Callable[[], str | None]:
+    return lambda: _installed(k, chart)
+
+
+def _installed(k: Kube, chart: dict[str, Any]) -> str | None:
+    """K3s's helm controller ran the chart's install Job (status.jobName) to completion."""
+    current = k.get(chart)
+    job_name = ((current or {}).get("status") or {}).get("jobName")
+    if not job_name:
+        return "no install Job yet"
+    job = k.get({"apiVersion": "batch/v1", "kind": "Job", "metadata": {"name": job_name,
+                                                                        "namespace": chart["metadata"]["namespace"]}})
+    conditions = {c.get("type"): c for c in ((job or {}).get("status") or {}).get("conditions") or []}
+    if (conditions.get("Complete") or {}).get("status") == "True":
+        return None
+    failed = conditions.get("Failed") or {}
+    if failed.get("status") == "True":
+        return f"install Job {job_name} failed: {failed.get('message', '')}"
+    return f"install Job {job_name} running"
+
+
 def _deployment_ready(k: Kube, namespace: str, release: str) -> str | None:
-    """Every Deployment of the Helm release (charts label them app.kubernetes.io/instance) is available."""
+    """Every Deployment of the Helm release that carries app.kubernetes.io/instance is available (charts that
+    label otherwise, or run StatefulSets only, are judged by their install Job alone)."""
     found = [d for d in k.list("apps/v1", "Deployment", f"app.kubernetes.io/instance={release}")
              if d["metadata"].get("namespace") == namespace]
-    if not found:  # until the chart is installed
-        return f"no Deployment of release {release} in {namespace} yet"
+    if not found:
+        return None
     waiting = []
     for dep in found:
         wanted = (dep.get("spec") or {}).get("replicas", 1)
@@ -251,22 +275,15 @@ def render(run: Run, component: str) -> Any:
 def network_render(run: Run, component: str) -> Any:
     """The network layer's manifests: the Ceph fsid from PVE, the CSI client's key from the ceph layer."""
     from homelab import manifests
-    from homelab.clients.ssh import SshError
     from homelab.layers.ceph import csi_key
 
     if "ceph_fsid" not in run.memo:
         run.memo["ceph_fsid"] = run.proxmox.get("/cluster/ceph/status").get("fsid") or manifests.PLACEHOLDER_FSID
     secrets = target_secrets(run)
-    problem = None
     if component == "ceph-csi":
-        try:
-            key = csi_key(run)
-        except SshError as exc:
-            problem, key = f"ceph-csi: cannot read client.kubernetes's key over SSH: {exc.message}", None
+        # An SSH failure stops the layer: rendering without the key would prune the CSI Secret.
+        key = csi_key(run)
         if key:
             secrets[manifests.CEPH_KEY] = key
-    result = manifests.render(run.inv, component=component, secrets=secrets, ceph_fsid=run.memo["ceph_fsid"],
-                              issuer=run.inv.network.cert_issuer)
-    if problem:
-        result.warnings.insert(0, problem)
-    return result
+    return manifests.render(run.inv, component=component, secrets=secrets, ceph_fsid=run.memo["ceph_fsid"],
+                            issuer=run.inv.network.cert_issuer)

@@ -126,7 +126,10 @@ def _write_private(path: Path, data: dict[str, Any]) -> None:
 
 def initialise_and_unseal(run: Run, vault: Vault) -> None:
     def served() -> tuple[str | None, str]:
-        state = vault.state()
+        try:
+            state = vault.state()
+        except VaultError as exc:  # not routed or not serving its certificate yet: only the deadline fails
+            return None, exc.message
         return (None, state) if state.startswith("unavailable") else (state, state)
 
     state = poll(f"Vault at https://{vault.host}", served, timeout=run.timeouts.k3s, progress=run.progress,
@@ -178,9 +181,10 @@ class AppsLayer:
             plan.add(Change(LAYER, "vault", "init/unseal", "noop", "initialised and unsealed"))
         else:
             action: Action = "create" if state in ("uninitialised", "not deployed yet") else "update"
-            plan.add(Change(LAYER, "vault", "init/unseal", action,
-                            f"Vault is {state}: initialise (keys to {keys_path(run)}, 0600) and unseal"
-                            if action == "create" else f"Vault is {state}: unseal with the stored keys",
+            what = (f"Vault is {state}: initialise (keys to {keys_path(run)}, 0600) and unseal" if action == "create"
+                    else f"Vault is {state}: unseal with the stored keys" if state == "sealed"
+                    else f"Vault is {state}: initialise or unseal it once it answers")
+            plan.add(Change(LAYER, "vault", "init/unseal", action, what,
                             apply=lambda: initialise_and_unseal(run, Vault(run))))
         return plan
 
