@@ -67,6 +67,8 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from homelab.lab.serving import serve_app
+
 if TYPE_CHECKING:
     from homelab.lab.dns import LabDns
 
@@ -284,18 +286,8 @@ class LabCloudflare:
 
     async def start(self, host: str, port: int, ssl_context: ssl.SSLContext | None) -> None:
         """Listen on host:port (0: a free port, then in `self.port`); the API is under /client/v4."""
-        app = web.Application(client_max_size=1 << 20)
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
+        self._runner, self.port = await serve_app(self._handle, host, port, ssl_context)
         self.host = host
-        self.port = int(runner.addresses[0][1])
         log.info("Cloudflare API (lab) at %s", self.url)
 
     async def stop(self) -> None:

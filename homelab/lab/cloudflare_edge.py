@@ -59,6 +59,7 @@ from aiohttp import web
 
 from homelab.lab import pki
 from homelab.lab.cloudflare import TUNNEL_DOMAIN, Connector, LabCloudflare, Tunnel, Zone
+from homelab.lab.serving import serve_app
 
 __all__ = ['EDGE_NAMES', 'LabCloudflareEdge']
 
@@ -162,13 +163,8 @@ class LabCloudflareEdge:
                     ("https", https_port, self._https, self._https_context()),
                     ("http", http_port, self._http, None),
                     ("tunnel", tunnel_port, self._tunnel_endpoint, self._edge_context())):
-                app = web.Application(client_max_size=16 << 20)
-                app.router.add_route("*", "/{tail:.*}", handler)
-                runner = web.AppRunner(app, access_log=None, handle_signals=False)
-                await runner.setup()
+                runner, self.ports[name] = await serve_app(handler, host, port, ctx, max_body=16 << 20)
                 self._runners.append(runner)
-                await web.TCPSite(runner, host, port, ssl_context=ctx).start()
-                self.ports[name] = int(runner.addresses[0][1])
         except BaseException:
             await self.stop()
             raise

@@ -23,6 +23,8 @@ from urllib.parse import unquote
 
 from aiohttp import web
 
+from homelab.lab.serving import serve_app
+
 log = logging.getLogger("homelab.lab.mirror")
 
 CHUNK = 1 << 20
@@ -51,18 +53,8 @@ class Mirror:
 
     async def start(self, host: str, port: int) -> None:
         """Listen on http://host:port (port 0: a free one, then in `self.port`)."""
-        app = web.Application()
-        app.router.add_route("*", "/{tail:.*}", self._handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, host, port).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
+        self._runner, self.port = await serve_app(self._handle, host, port)
         self.host = host
-        self.port = int(runner.addresses[0][1])
         log.info("release mirror at %s: /k3s/ from %s, /images/ from %s", self.url, self.releases, self.images)
 
     async def stop(self) -> None:

@@ -1,13 +1,32 @@
-"""Serve an asyncio server (LabPve, the lab's DNS) from a daemon thread of a synchronous program."""
+"""Serving the lab's servers: an asyncio loop in a daemon thread of a synchronous program (LabPve, the DNS),
+and one aiohttp handler on host:port (the mirror, Cloudflare's API and edge, Tailscale's API)."""
 
 from __future__ import annotations
 
 import asyncio
 import threading
-from collections.abc import Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
+from aiohttp import web
+
 T = TypeVar("T")
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+async def serve_app(handler: Handler, host: str, port: int, ssl_context: Any = None, *,
+                    max_body: int = 1 << 20) -> tuple[web.AppRunner, int]:
+    """Serve `handler` for every path on host:port (0: a free port); (the runner to clean up, the port bound)."""
+    app = web.Application(client_max_size=max_body)
+    app.router.add_route("*", "/{tail:.*}", handler)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, host, port, ssl_context=ssl_context).start()
+    except BaseException:
+        await runner.cleanup()
+        raise
+    return runner, int(runner.addresses[0][1])
 
 
 class Background:

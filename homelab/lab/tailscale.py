@@ -80,6 +80,7 @@ import dns.rrset
 from aiohttp import web
 
 from homelab.lab.dns import View
+from homelab.lab.serving import serve_app
 
 __all__ = ['LabDevice', 'LabTailscale', 'TailnetResolver']
 
@@ -323,17 +324,8 @@ class LabTailscale:
         """Serve the API on https://host:port (port 0: a free one, then in `self.port`)."""
         ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
         ctx.load_cert_chain(certfile, keyfile)
-        app = web.Application(client_max_size=1 << 20)
-        app.router.add_route('*', '/{tail:.*}', self._handle)
-        runner = web.AppRunner(app, access_log=None)
-        await runner.setup()
-        try:
-            await web.TCPSite(runner, host, port, ssl_context=ctx).start()
-        except BaseException:
-            await runner.cleanup()
-            raise
-        self._runner = runner
-        self.host, self.port = host, int(runner.addresses[0][1])
+        self._runner, self.port = await serve_app(self._handle, host, port, ctx)
+        self.host = host
         logger.info('lab tailscale: API at %s (tailnet %s)', self.url, self.tailnet)
 
     async def stop(self) -> None:
