@@ -67,6 +67,7 @@ from typing import TYPE_CHECKING, Any
 
 from aiohttp import web
 
+from homelab.lab.k3s_standin.tunnel import decode_token as decode_tunnel_token  # cloudflared's reading
 from homelab.lab.serving import serve_app
 
 if TYPE_CHECKING:
@@ -135,15 +136,6 @@ def encode_tunnel_token(account_tag: str, tunnel_id: str, secret: bytes) -> str:
     """cloudflared's TunnelToken: base64(JSON {"a": account tag, "s": base64 secret, "t": tunnel id})."""
     body = {"a": account_tag, "s": base64.b64encode(secret).decode(), "t": tunnel_id}
     return base64.b64encode(json.dumps(body, separators=(",", ":")).encode()).decode()
-
-
-def decode_tunnel_token(token: str) -> tuple[str, str, bytes]:
-    """(account tag, tunnel id, secret) from a tunnel token; ValueError if it is not one."""
-    try:
-        data = json.loads(base64.b64decode(token.strip(), validate=True))
-        return str(data["a"]), str(uuid.UUID(str(data["t"]))), base64.b64decode(str(data["s"]), validate=True)
-    except (binascii.Error, ValueError, KeyError, TypeError) as exc:
-        raise ValueError("not a Cloudflare Tunnel token") from exc
 
 
 # ------------------------------------------------------------------------------------------ state
