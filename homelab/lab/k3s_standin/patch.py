@@ -124,9 +124,9 @@ def _pointer(path: str) -> list[str]:
     return [p.replace("~1", "/").replace("~0", "~") for p in path[1:].split("/")]
 
 
-def _parent(doc: Any, parts: list[str], path: str) -> Any:
+def _walk(doc: Any, parts: list[str], path: str) -> Any:
     cur = doc
-    for part in parts[:-1]:
+    for part in parts:
         if isinstance(cur, dict) and part in cur:
             cur = cur[part]
         elif isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
@@ -134,18 +134,14 @@ def _parent(doc: Any, parts: list[str], path: str) -> Any:
         else:
             raise PatchError(f"doc is missing path: {path!r}")
     return cur
+
+
+def _parent(doc: Any, parts: list[str], path: str) -> Any:
+    return _walk(doc, parts[:-1], path)
 
 
 def _get(doc: Any, path: str) -> Any:
-    cur = doc
-    for part in _pointer(path):
-        if isinstance(cur, dict) and part in cur:
-            cur = cur[part]
-        elif isinstance(cur, list) and part.isdigit() and int(part) < len(cur):
-            cur = cur[int(part)]
-        else:
-            raise PatchError(f"doc is missing path: {path!r}")
-    return cur
+    return _walk(doc, _pointer(path), path)
 
 
 def _remove(doc: Any, path: str) -> Any:
