@@ -25,6 +25,7 @@ import jinja2
 import yaml
 
 from homelab.inventory import Inventory
+from homelab.target import SECRETS as TARGET_SECRETS
 
 MANIFESTS_DIR = Path(__file__).resolve().parent.parent / "manifests"
 MANAGED_BY = "app.kubernetes.io/managed-by"
@@ -106,8 +107,7 @@ ACME_KEYS = (*ACME_SERVERS, "email", "ca_bundle")
 CLOUDFLARE_TOKEN = "CLOUDFLARE_API_TOKEN"  # noqa: S105 - the variable's name, not a token
 CEPH_KEY = "HOMELAB_CEPH_CSI_KEY"
 TUNNEL_TOKEN = "CLOUDFLARE_TUNNEL_TOKEN"  # noqa: S105 - a name
-SECRET_ENV = (CLOUDFLARE_TOKEN, CEPH_KEY, TUNNEL_TOKEN, "TS_OAUTH_CLIENT_ID", "TS_OAUTH_CLIENT_SECRET",
-              "GRAFANA_ADMIN_PASSWORD", "VAULTWARDEN_ADMIN_TOKEN")
+SECRET_ENV = (*TARGET_SECRETS, CEPH_KEY, TUNNEL_TOKEN)
 
 CEPH_USER = "kubernetes"
 CEPH_MON_PORT = 6789
