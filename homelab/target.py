@@ -64,6 +64,11 @@ class Target:
     # Credentials of the outside world and the apps, by variable name (SECRETS); only those set.
     secrets: dict[str, Secret] = field(default_factory=dict)
 
+    def __post_init__(self) -> None:
+        # The defaults (and a caller's "~/...") name the operator's home, never a "~" folder in the cwd.
+        for name in ("ssh_public_key", "ssh_private_key", "known_hosts", "state_dir"):
+            object.__setattr__(self, name, getattr(self, name).expanduser())
+
     def secret(self, name: str) -> str | None:
         value = self.secrets.get(name)
         return value.value if value is not None else None

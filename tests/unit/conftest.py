@@ -34,6 +34,16 @@ PROXMOX_LAYERS = ["ceph", "sdn", "vms"]
 SSH_KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHomelabUnitTestKeyHomelabUnitTestKey01 operator@test"
 
 
+@pytest.fixture(scope="session", autouse=True)
+def private_home(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    """Unit tests never write the operator's home: its state dir, keys and known_hosts live in a temporary one."""
+    home = tmp_path_factory.mktemp("home")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("HOME", str(home))
+        mp.delenv("HOMELAB_STATE", raising=False)
+        yield home
+
+
 @pytest.fixture(scope="session")
 def ssh_pair(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, str]:
     """An operator key pair for SSH to the PVE hosts: (private key file, public key line)."""

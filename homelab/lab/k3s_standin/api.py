@@ -877,6 +877,10 @@ class Api:
                 template_meta.setdefault("labels", {}).update(job_labels)
         elif key == "apiextensions.k8s.io/customresourcedefinitions":
             obj["status"] = _crd_status(obj)
+        if rt.status and rt.crd is None:
+            # A built-in kind's status is a Go struct, which encoding/json never omits: the API server answers
+            # `status: {}` for a Deployment no controller has looked at yet, where a custom resource has none.
+            obj.setdefault("status", {})
 
     def _after_create(self, rt: ResourceType, obj: JSONObj) -> None:
         key = rt.storage_key
