@@ -81,6 +81,8 @@ class Hosts:
                                  hint=f"is {address}'s host key in {self.known_hosts}?") from None
         except OSError as exc:
             raise SshUnreachable(f"SSH to {address}: {exc.strerror or exc}") from None
+        except EOFError:  # paramiko's word for a peer that hung up mid-handshake (a node going down, sshd stopping)
+            raise SshUnreachable(f"SSH to {address}: the connection was closed during the SSH handshake") from None
         self.opened += 1
         self.connections[address] = conn
         return conn
@@ -113,8 +115,8 @@ class Hosts:
             out = stdout_f.read()
             err = stderr_f.read()
             code = stdout_f.channel.recv_exit_status()
-        except (paramiko.SSHException, OSError) as exc:
-            raise SshError(f"{address}: `{_shown(argv)}` failed: {exc}") from None
+        except (paramiko.SSHException, OSError, EOFError) as exc:
+            raise SshError(f"{address}: `{_shown(argv)}` failed: {exc or type(exc).__name__}") from None
         done = Done(address, command, code, out.decode(errors="replace"), err.decode(errors="replace"))
         if check and not done.ok:
             raise SshError(f"{address}: `{_shown(argv)}` exited {done.code}: {done.stderr.strip()[-300:]}")
