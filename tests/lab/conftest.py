@@ -50,6 +50,32 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
         item.add_marker(pytest.mark.skip(reason=problem))
 
 
+def _journal(vmid: int, lines: int) -> str:
+    """The last lines of a VM's journal (the containers keep it under their rootfs), or why there are none."""
+    journal = layout.VAR / "vms" / str(vmid) / "root" / "var" / "log" / "journal"
+    if not journal.is_dir() or shutil.which("journalctl") is None:
+        return f"(no journal at {journal})"
+    done = subprocess.run(["journalctl", "-D", str(journal), "-n", str(lines), "--no-pager", "-o", "short-precise"],
+                          capture_output=True, text=True, timeout=30, check=False)
+    return done.stdout or done.stderr
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
+    """A failed lab test carries the supervisor's log and the control plane's journal: CI keeps nothing else."""
+    outcome = yield
+    report = outcome.get_result()  # type: ignore[attr-defined]
+    if report.when != "call" or not report.failed:
+        return
+    log = layout.STATE / layout.LOG
+    if log.is_file():
+        tail = log.read_text(errors="replace").splitlines()[-40:]
+        report.sections.append(("lab supervisor log (tail)", "\n".join(tail)))
+    for vm in INV.k3s.vms:
+        if vm.role == "server":
+            report.sections.append((f"journal of {vm.name} (tail)", _journal(vm.vmid, 120)))
+
+
 @dataclass
 class Result:
     argv: list[str]

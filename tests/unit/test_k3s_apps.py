@@ -208,3 +208,23 @@ def test_a_controller_cannot_write_from_a_stale_read(cluster: tuple[ServerHandle
     held = core.read_namespaced_config_map("held", "apps")
     assert held.metadata.deletion_timestamp is not None and held.data == {"a": "1"}
     core.patch_namespaced_config_map("held", "apps", {"metadata": {"finalizers": None}})
+
+
+def test_vault_double_reports_storage_it_cannot_read(tmp_path: Any) -> None:
+    """Unreadable storage answers as an uninitialised Vault would (501), and says why in the server log; a
+    missing file is simply a new Vault."""
+    import io
+
+    from homelab.lab.k3s_standin.apps import Vault
+    from homelab.lab.k3s_standin.log import Log
+
+    stream = io.StringIO()
+    vault = Vault(tmp_path / "vault-x.json", Log(stream))
+    assert vault.handle("GET", "/v1/sys/health", b"")[0] == 501 and stream.getvalue() == ""
+    status, body, _ = vault.handle("PUT", "/v1/sys/init", b'{"secret_shares": 1, "secret_threshold": 1}')
+    assert status == 200 and "initialised" in stream.getvalue()
+    vault.handle("PUT", "/v1/sys/unseal", json.dumps({"key": json.loads(body)["keys"][0]}).encode())
+    assert vault.handle("GET", "/v1/sys/health", b"")[0] == 200 and "unsealed" in stream.getvalue()
+    (tmp_path / "vault-x.json").write_text("{not json", encoding="utf-8")
+    assert vault.handle("GET", "/v1/sys/health", b"")[0] == 501
+    assert "cannot read vault-x.json: JSONDecodeError" in stream.getvalue()

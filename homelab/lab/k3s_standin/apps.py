@@ -25,6 +25,7 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
+import io
 import json
 import os
 import secrets
@@ -32,6 +33,8 @@ import threading
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
+
+from .log import Log
 
 if TYPE_CHECKING:
     from .ingress import IngressController
@@ -87,16 +90,20 @@ def health_reply(app: str, path: str) -> Reply:
 class Vault:
     """One Vault server's seal state (per backend Service), persisted as hashes."""
 
-    def __init__(self, path: Path) -> None:
+    def __init__(self, path: Path, log: Log | None = None) -> None:
         self.path = path
+        self.log = log or Log(io.StringIO())
         self.lock = threading.Lock()
 
     def _load(self) -> JSONObj:
         try:
             data = json.loads(self.path.read_text(encoding="utf-8"))
-            return data if isinstance(data, dict) else {}
-        except (OSError, ValueError):
+        except FileNotFoundError:  # a new Vault: its storage is empty
             return {}
+        except (OSError, ValueError) as exc:  # unreadable storage reads as uninitialised, as Vault's would: say so
+            self.log.error(f"vault double: cannot read {self.path.name}: {type(exc).__name__}: {exc}")
+            return {}
+        return data if isinstance(data, dict) else {}
 
     def _save(self, state: JSONObj) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,6 +153,7 @@ class Vault:
                 self._save({"initialized": True, "sealed": True, "shares": shares, "threshold": threshold,
                             "keys": [hashlib.sha256(k).hexdigest() for k in keys],
                             "root": hashlib.sha256(token.encode()).hexdigest(), "progress": []})
+                self.log.info(f"vault double: {self.path.name}: initialised ({shares} shares, threshold {threshold})")
                 return _json(200, {"keys": [k.hex() for k in keys],
                                    "keys_base64": [base64.b64encode(k).decode() for k in keys], "root_token": token})
             if path == "/v1/sys/unseal" and method in ("PUT", "POST"):
@@ -169,6 +177,7 @@ class Vault:
                     state["progress"].append(digest)
                 if len(state["progress"]) >= int(state["threshold"]):
                     state["sealed"], state["progress"] = False, []
+                    self.log.info(f"vault double: {self.path.name}: unsealed")
                 self._save(state)
                 return _json(200, self._seal_status(state))
             if path == "/v1/sys/seal" and method in ("PUT", "POST"):
@@ -235,5 +244,9 @@ class AppDoubles:
         key = f"{backend['namespace']}-{backend['name']}" + (f"-{backend['uid'][:8]}" if backend.get("uid") else "")
         with self._lock:
             if key not in self._vaults:
-                self._vaults[key] = Vault(self.data_dir / "server" / "standin-apps" / f"vault-{key}.json")
+                path = self.data_dir / "server" / "standin-apps" / f"vault-{key}.json"
+                self.owner.log_info(f"vault double: Service {backend['namespace']}/{backend['name']} "
+                                    f"(uid {backend.get('uid') or '-'}) keeps its state in {path.name} "
+                                    f"({'present' if path.exists() else 'new'})")
+                self._vaults[key] = Vault(path, self.owner.ctl.log)
             return self._vaults[key]
