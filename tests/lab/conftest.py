@@ -62,10 +62,11 @@ def _journal(vmid: int, lines: int) -> str:
 
 @pytest.hookimpl(hookwrapper=True)
 def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo[None]) -> Iterator[None]:
-    """A failed lab test carries the supervisor's log and the control plane's journal: CI keeps nothing else."""
+    """A failed lab test (or fixture) carries the supervisor's log and the control plane's journal: CI keeps
+    nothing else."""
     outcome = yield
     report = outcome.get_result()  # type: ignore[attr-defined]
-    if report.when != "call" or not report.failed:
+    if report.when == "teardown" or not report.failed:  # a fixture's failure shows at setup
         return
     log = layout.STATE / layout.LOG
     if log.is_file():
