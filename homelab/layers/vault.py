@@ -89,13 +89,16 @@ class Vault:
     def state(self) -> str:
         """"unsealed", "uninitialised", "sealed", or "unavailable: <why>" (not served yet)."""
         status, data = self.call("GET", "/v1/sys/health")
-        if status == 200:
+        # Only Vault's own health body counts: a 200 from whatever else the route reaches (a default backend,
+        # a wrong Service) must not pass for "unsealed" and skip the initialisation.
+        body = data if isinstance(data, dict) else {}
+        if status == 200 and body.get("initialized") is True and body.get("sealed") is False:
             return "unsealed"
-        if status == 501:
+        if status == 501 and body.get("initialized") is False:
             return "uninitialised"
-        if status == 503 and isinstance(data, dict) and "sealed" in data:
+        if status == 503 and body.get("initialized") is True and body.get("sealed") is True:
             return "sealed"
-        return f"unavailable: HTTP {status}"
+        return f"unavailable: HTTP {status}" + ("" if "initialized" in body else " without Vault's health body")
 
 
 def _ingress_trust(run: Run) -> str | bool:

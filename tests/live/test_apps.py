@@ -51,6 +51,14 @@ def test_app_health(homelab: Live, exposed_app: inventory.App, measured: Any) ->
              f"(manifests/{app.name}) and Traefik" + (", the tunnel's rules and cloudflared" if public else ""))
     fail_unless(reply.status == 200, f"GET https://{host}{path} through {route} ({address}) answered {reply}, "
                                      f"expected HTTP 200; see {where}")
+    if app.name == "vault":  # a 200 from anything but Vault (a default backend, a wrong Service) is no pass
+        try:
+            health = json.loads(reply.body)
+        except (ValueError, TypeError):
+            health = None
+        fail_unless(isinstance(health, dict) and health.get("initialized") is True and health.get("sealed") is False,
+                    f"{host}{path} answered 200 but not with Vault's health body (initialized: true, sealed: "
+                    f"false): {str(reply.body)[:120]!r}; see its Ingress (manifests/vault) and Service")
     if app.name == "grafana":
         try:
             database = json.loads(reply.body).get("database")

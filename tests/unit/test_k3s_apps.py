@@ -16,7 +16,8 @@ from homelab.lab.k3s_standin.apps import FAULT_ANNOTATION
 from .polling import wait_for
 
 APPS = {"services": {"kube-prometheus-stack": [
-            {"name": "{fullname}-grafana", "port": 80, "app": "grafana", "health": "/api/health"}]},
+            {"name": "{fullname}-grafana", "port": 80, "app": "grafana", "health": "/api/health"}],
+                     "vault": [{"name": "{fullname}", "port": 8200, "app": "vault", "health": "/v1/sys/health"}]},
         "images": {"vaultwarden/server": {"app": "vaultwarden", "health": "/alive"},
                    "hashicorp/vault": {"app": "vault", "health": "/v1/sys/health"}}}
 
@@ -228,3 +229,31 @@ def test_vault_double_reports_storage_it_cannot_read(tmp_path: Any) -> None:
     (tmp_path / "vault-x.json").write_text("{not json", encoding="utf-8")
     assert vault.handle("GET", "/v1/sys/health", b"")[0] == 501
     assert "cannot read vault-x.json: JSONDecodeError" in stream.getvalue()
+
+
+def test_a_release_service_keeps_its_app_marks_and_is_not_rewritten(
+        cluster: tuple[ServerHandle, client.ApiClient]) -> None:
+    """The release's own Service (Vault's) carries the app marks, and reconcile passes leave it alone: the chart
+    double once replaced its annotations on every pass, so a request could find it unmarked and get the
+    unknown-backend page (200) instead of Vault's health."""
+    from homelab.lab.k3s_standin.apps import APP_ANNOTATION
+
+    _, api = cluster
+    charts, core = client.CustomObjectsApi(api), client.CoreV1Api(api)
+
+    def chart(name: str, chart_name: str) -> dict[str, Any]:
+        return {"apiVersion": "helm.cattle.io/v1", "kind": "HelmChart", "metadata": {"name": name},
+                "spec": {"chart": chart_name, "repo": "https://example.org/charts", "version": "1.0.0",
+                         "targetNamespace": "apps"}}
+
+    charts.create_namespaced_custom_object("helm.cattle.io", "v1", "apps", "helmcharts", chart("secrets", "vault"))
+    marked = wait_for("the marked vault Service", lambda: (s := core.read_namespaced_service("secrets", "apps")) and
+                      (s.metadata.annotations or {}).get(APP_ANNOTATION) == "vault" and s)
+    # another chart's install shows that the controllers made further passes
+    charts.create_namespaced_custom_object("helm.cattle.io", "v1", "apps", "helmcharts", chart("later", "other"))
+    wait_for("the later release", lambda: client.AppsV1Api(api).read_namespaced_deployment("later", "apps"))
+    wait_for("the later release's install job", lambda: client.BatchV1Api(api).read_namespaced_job(
+        "helm-install-later", "kube-system").status.succeeded)
+    again = core.read_namespaced_service("secrets", "apps")
+    assert again.metadata.resource_version == marked.metadata.resource_version
+    assert (again.metadata.annotations or {}).get(APP_ANNOTATION) == "vault"

@@ -485,7 +485,9 @@ class Controllers:
                 return
             new = copy.deepcopy(current)
             new["metadata"]["labels"] = {**(current["metadata"].get("labels") or {}), **labels}
-            new["metadata"]["annotations"] = desired_ann
+            # Others' annotations stay (helm's three-way merge keeps them): replacing them all dropped the app
+            # marks _helm_app_services writes, and the two rewrote the Service on every pass.
+            new["metadata"]["annotations"] = {**(current["metadata"].get("annotations") or {}), **desired_ann}
             live = new.setdefault("spec", {})
             for key in (*managed, "type", "selector"):
                 live.pop(key, None)
@@ -494,7 +496,8 @@ class Controllers:
             for p in live["ports"]:
                 if spec["type"] in ("NodePort", "LoadBalancer") and node_ports.get(p["port"]):
                     p["nodePort"] = node_ports[p["port"]]
-            self.update(svc_rt, current, new, "helm")
+            if new != current:
+                self.update(svc_rt, current, new, "helm")
 
     def _helm_app_services(self, chart: JSONObj, values: JSONObj, target: str, labels: dict[str, str],
                            annotations: dict[str, str], selector: dict[str, str]) -> None:
