@@ -130,11 +130,12 @@ def resolve(name: str, inv: Inventory) -> Target:
     if ca and not Path(ca).is_file():
         raise ConfigError(f"target {name}: PROXMOX_CA_BUNDLE {ca} does not exist")
     settings = inv.targets.lab if name == "lab" else inv.targets.live
-    public = Path(values.get("HOMELAB_SSH_PUBLIC_KEY") or inv.k3s.ssh_public_key).expanduser()
-    private = Path(values.get("HOMELAB_SSH_PRIVATE_KEY") or str(public).removesuffix(".pub")).expanduser()
-    known = Path(values.get("HOMELAB_KNOWN_HOSTS") or "~/.ssh/known_hosts").expanduser()
+    # Target expands "~" in these paths.
+    public = Path(values.get("HOMELAB_SSH_PUBLIC_KEY") or inv.k3s.ssh_public_key)
+    private = Path(values.get("HOMELAB_SSH_PRIVATE_KEY") or str(public).removesuffix(".pub"))
+    known = Path(values.get("HOMELAB_KNOWN_HOSTS") or "~/.ssh/known_hosts")
     state = (layout.STATE / "operator" if name == "lab"
-             else Path(os.environ.get("HOMELAB_STATE") or "~/.local/state/homelab").expanduser() / name)
+             else Path(os.environ.get("HOMELAB_STATE") or "~/.local/state/homelab") / name)
     outside_ca = values.get("HOMELAB_OUTSIDE_CA_BUNDLE")
     if outside_ca and not Path(outside_ca).is_file():
         raise ConfigError(f"target {name}: HOMELAB_OUTSIDE_CA_BUNDLE {outside_ca} does not exist")

@@ -25,7 +25,6 @@ from __future__ import annotations
 import base64
 import datetime
 import hashlib
-import io
 import json
 import os
 import secrets
@@ -34,10 +33,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .log import Log
-
 if TYPE_CHECKING:
     from .ingress import IngressController
+    from .log import Log
 
 JSONObj = dict[str, Any]
 APP_ANNOTATION = "lab.homelab.jigga.xyz/app"
@@ -90,9 +88,9 @@ def health_reply(app: str, path: str) -> Reply:
 class Vault:
     """One Vault server's seal state (per backend Service), persisted as hashes."""
 
-    def __init__(self, path: Path, log: Log | None = None) -> None:
+    def __init__(self, path: Path, log: Log) -> None:
         self.path = path
-        self.log = log or Log(io.StringIO())
+        self.log = log
         self.lock = threading.Lock()
 
     def _load(self) -> JSONObj:
